@@ -1,0 +1,491 @@
+"""Configuration: ``broker.yaml`` with ``${VAR}`` / ``${VAR:-default}`` expansion, validated into
+typed settings. A bad file stops start-up with one message per problem, each naming its key path."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ENV_CONFIG = "BROKER_CONFIG"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SIGNING_ALGS = ("ES256", "RS256", "EdDSA")
+SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")  # RFC 6749 section 3.3 scope-token
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; ``problems`` are ``key.path: message`` strings."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    access_ttl: int = 3600
+    refresh_ttl: int = 30 * 24 * 3600
+    refresh_idle_ttl: int = 14 * 24 * 3600
+    refresh_reuse_grace: int = 30
+    code_ttl: int = 300
+    login_ttl: int = 600
+    signing_alg: str = "ES256"
+
+
+@dataclass(frozen=True)
+class ResourceSettings:
+    """An MCP server the broker protects; ``uri`` is its canonical URI and the token audience."""
+
+    uri: str
+    name: str
+    scopes: Mapping[str, str]
+    required_scopes: tuple[str, ...] = ()
+    providers: tuple[str, ...] | None = None
+    upstream_tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """One policy rule: ``deny`` (with a reason) or ``grant`` (scopes), applied ``when`` all
+    conditions match."""
+
+    kind: str  # "grant" or "deny"
+    scopes: tuple[str, ...]
+    reason: str
+    when: Mapping[str, tuple[str, ...]]
+    resources: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    issuer: str
+    secret_key: str
+    database_url: str
+    instance_path: str
+    base_dir: str
+    redis_url: str | None = None
+    trust_proxy: bool = False
+    tokens: TokenSettings = field(default_factory=TokenSettings)
+    providers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    resources: tuple[ResourceSettings, ...] = ()
+    rules: tuple[RuleSettings, ...] = ()
+    registration_ttl: int = 7 * 24 * 3600
+    testing: bool = False
+    allow_insecure_issuer: bool = False
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.issuer.startswith("https://")
+
+    def resource(self, uri: str) -> ResourceSettings | None:
+        for resource in self.resources:
+            if resource.uri == uri:
+                return resource
+        return None
+
+
+def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    if isinstance(value, str):
+
+        def repl(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path}: environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(repl, value)
+    if isinstance(value, dict):
+        return {
+            k: expand_env(v, env, f"{path}.{k}" if path else str(k), problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [expand_env(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _Reader:
+    """Reads typed values out of a mapping, recording problems with key paths."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def mapping(self, data: Any, path: str) -> dict[str, Any]:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            self.problems.append(f"{path}: must be a mapping")
+            return {}
+        return data
+
+    def unknown(self, data: Mapping[str, Any], allowed: set[str], path: str) -> None:
+        for key in data:
+            if key not in allowed:
+                self.problems.append(f"{_join(path, str(key))}: unknown key")
+
+    def string(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str,
+        *,
+        required: bool = False,
+        default: str | None = None,
+    ) -> str | None:
+        value = data.get(key)
+        if value is None or value == "":
+            if required:
+                self.problems.append(f"{_join(path, key)}: required")
+            return default
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            self.problems.append(f"{_join(path, key)}: must be a string")
+            return default
+        return value
+
+    def integer(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: int,
+        *,
+        minimum: int = 0,
+        maximum: int | None = None,
+    ) -> int:
+        value = data.get(key, default)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.problems.append(f"{_join(path, key)}: must be an integer")
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            self.problems.append(f"{_join(path, key)}: must be {bound}")
+            return default
+        return value
+
+    def boolean(self, data: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+        value = data.get(key, default)
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            self.problems.append(f"{_join(path, key)}: must be true or false")
+            return default
+        return value
+
+    def strings(self, data: Mapping[str, Any], key: str, path: str) -> tuple[str, ...] | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.problems.append(f"{_join(path, key)}: must be a list of strings")
+            return None
+        return tuple(value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_issuer(issuer: str, problems: list[str], allow_insecure: bool) -> None:
+    parts = urlsplit(issuer)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        problems.append("issuer: must be an absolute https URL")
+        return
+    if parts.query or parts.fragment:
+        problems.append("issuer: must not have a query or fragment (RFC 8414 section 2)")
+    if issuer.endswith("/"):
+        problems.append("issuer: must not end with a slash")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname) and not allow_insecure:
+        problems.append("issuer: plain http is allowed only on a loopback host")
+
+
+def canonical_resource_problem(uri: str) -> str | None:
+    """Why ``uri`` is not a usable canonical resource URI (RFC 8707 section 2), or None."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "must be an absolute http(s) URI"
+    if parts.fragment or "#" in uri:
+        return "must not contain a fragment"
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        return "plain http is allowed only on a loopback host"
+    return None
+
+
+def _resources(raw: Any, reader: _Reader, problems: list[str]) -> tuple[ResourceSettings, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append("resources: must be a list")
+        return ()
+    result: list[ResourceSettings] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        path = f"resources[{i}]"
+        data = reader.mapping(item, path)
+        reader.unknown(
+            data, {"uri", "name", "scopes", "required_scopes", "providers", "upstream_tokens"}, path
+        )
+        uri = reader.string(data, "uri", path, required=True)
+        if uri is None:
+            continue
+        why = canonical_resource_problem(uri)
+        if why:
+            problems.append(f"{path}.uri: {why}")
+        if uri in seen:
+            problems.append(f"{path}.uri: duplicate resource {uri}")
+        seen.add(uri)
+        name = reader.string(data, "name", path, default=uri) or uri
+        scopes_raw = data.get("scopes") or {}
+        scopes: dict[str, str] = {}
+        if isinstance(scopes_raw, list):
+            scopes_raw = {s: s for s in scopes_raw}
+        if not isinstance(scopes_raw, dict):
+            problems.append(f"{path}.scopes: must be a mapping of scope to description")
+        else:
+            for scope, desc in scopes_raw.items():
+                if not isinstance(scope, str) or not SCOPE_TOKEN.match(scope):
+                    problems.append(f"{path}.scopes.{scope}: not a valid scope token")
+                    continue
+                scopes[scope] = str(desc) if desc is not None else scope
+        required = reader.strings(data, "required_scopes", path) or ()
+        for scope in required:
+            if scope not in scopes:
+                problems.append(
+                    f"{path}.required_scopes: {scope} is not one of the resource's scopes"
+                )
+        result.append(
+            ResourceSettings(
+                uri=uri,
+                name=name,
+                scopes=scopes,
+                required_scopes=required,
+                providers=reader.strings(data, "providers", path),
+                upstream_tokens=reader.strings(data, "upstream_tokens", path) or (),
+            )
+        )
+    return tuple(result)
+
+
+RULE_CONDITIONS = {"provider", "email", "email_domain", "groups", "subject", "username", "roles"}
+
+
+def _rules(raw: Any, reader: _Reader, problems: list[str]) -> tuple[RuleSettings, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append("rules: must be a list")
+        return ()
+    rules: list[RuleSettings] = []
+    for i, item in enumerate(raw):
+        path = f"rules[{i}]"
+        data = reader.mapping(item, path)
+        reader.unknown(data, {"grant", "deny", "when", "resources"}, path)
+        if ("grant" in data) == ("deny" in data):
+            problems.append(f"{path}: needs exactly one of grant or deny")
+            continue
+        when_raw = reader.mapping(data.get("when"), f"{path}.when")
+        when: dict[str, tuple[str, ...]] = {}
+        for key in when_raw:
+            if key not in RULE_CONDITIONS:
+                problems.append(f"{path}.when.{key}: unknown condition")
+                continue
+            values = reader.strings(when_raw, key, f"{path}.when")
+            if values is not None:
+                when[key] = values
+        resources = reader.strings(data, "resources", path)
+        if "deny" in data:
+            reason = data["deny"]
+            if not isinstance(reason, str) or not reason:
+                problems.append(f"{path}.deny: must be a reason (a string)")
+                continue
+            rules.append(RuleSettings("deny", (), reason, when, resources))
+        else:
+            scopes = reader.strings(data, "grant", path)
+            if scopes is None:
+                problems.append(f"{path}.grant: must be a list of scopes")
+                continue
+            rules.append(RuleSettings("grant", scopes, "", when, resources))
+    return tuple(rules)
+
+
+TOP_LEVEL = {
+    "issuer",
+    "database_url",
+    "secret_key",
+    "redis_url",
+    "trust_proxy",
+    "tokens",
+    "providers",
+    "resources",
+    "rules",
+    "registration_ttl",
+    "instance_path",
+}
+
+
+def parse(
+    data: Mapping[str, Any] | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    base_dir: str = ".",
+    testing: bool = False,
+) -> Settings:
+    """Validate an already-parsed mapping into :class:`Settings`, or raise :class:`ConfigError`."""
+    problems: list[str] = []
+    env = os.environ if env is None else env
+    data = dict(expand_env(dict(data or {}), env, "", problems))
+    reader = _Reader(problems)
+    allow_insecure = bool(data.pop("allow_insecure_issuer", False)) and testing
+    reader.unknown(data, TOP_LEVEL, "")
+
+    issuer = reader.string(data, "issuer", "", required=True) or ""
+    if issuer:
+        _check_issuer(issuer, problems, allow_insecure)
+    secret_key = reader.string(data, "secret_key", "", required=True) or ""
+    if secret_key and len(secret_key) < 32:
+        problems.append("secret_key: must be at least 32 characters (use `openssl rand -hex 32`)")
+
+    instance_path = reader.string(
+        data, "instance_path", "", default=str(Path(base_dir) / "instance")
+    )
+    assert instance_path is not None
+    database_url = reader.string(
+        data, "database_url", "", default=f"sqlite:///{Path(instance_path).resolve() / 'broker.db'}"
+    )
+    assert database_url is not None
+    if not database_url.startswith(("sqlite", "postgresql")):
+        problems.append("database_url: only sqlite:// and postgresql+psycopg:// are supported")
+    elif database_url.startswith("postgresql") and not database_url.startswith(
+        "postgresql+psycopg"
+    ):
+        database_url = (
+            "postgresql+psycopg" + database_url[len("postgresql") :].split("+psycopg2", 1)[-1]
+        )
+
+    tokens_raw = reader.mapping(data.get("tokens"), "tokens")
+    reader.unknown(
+        tokens_raw,
+        {
+            "access_ttl",
+            "refresh_ttl",
+            "refresh_idle_ttl",
+            "refresh_reuse_grace",
+            "code_ttl",
+            "login_ttl",
+            "signing_alg",
+        },
+        "tokens",
+    )
+    tokens = TokenSettings(
+        access_ttl=reader.integer(
+            tokens_raw, "access_ttl", "tokens", 3600, minimum=60, maximum=86400
+        ),
+        refresh_ttl=reader.integer(tokens_raw, "refresh_ttl", "tokens", 30 * 86400, minimum=300),
+        refresh_idle_ttl=reader.integer(
+            tokens_raw, "refresh_idle_ttl", "tokens", 14 * 86400, minimum=300
+        ),
+        refresh_reuse_grace=reader.integer(
+            tokens_raw, "refresh_reuse_grace", "tokens", 30, minimum=0, maximum=300
+        ),
+        code_ttl=reader.integer(tokens_raw, "code_ttl", "tokens", 300, minimum=10, maximum=600),
+        login_ttl=reader.integer(tokens_raw, "login_ttl", "tokens", 600, minimum=60, maximum=3600),
+        signing_alg=reader.string(tokens_raw, "signing_alg", "tokens", default="ES256") or "ES256",
+    )
+    if tokens.signing_alg not in SIGNING_ALGS:
+        problems.append(f"tokens.signing_alg: must be one of {', '.join(SIGNING_ALGS)}")
+
+    providers_raw = reader.mapping(data.get("providers"), "providers")
+    providers: dict[str, Mapping[str, Any]] = {}
+    for name, conf in providers_raw.items():
+        if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_-]{0,31}$", name):
+            problems.append(
+                f"providers.{name}: provider names are lower-case letters, digits, - and _"
+            )
+            continue
+        providers[name] = reader.mapping(conf, f"providers.{name}")
+    if not providers:
+        problems.append("providers: at least one provider is required")
+
+    resources = _resources(data.get("resources"), reader, problems)
+    if not resources:
+        problems.append("resources: at least one resource (MCP server) is required")
+    for res in resources:
+        for p in res.providers or ():
+            if p not in providers:
+                problems.append(
+                    f"resources[{resources.index(res)}].providers: unknown provider {p}"
+                )
+
+    return_settings = Settings(
+        issuer=issuer,
+        secret_key=secret_key,
+        database_url=database_url,
+        instance_path=instance_path,
+        base_dir=base_dir,
+        redis_url=reader.string(data, "redis_url", ""),
+        trust_proxy=reader.boolean(data, "trust_proxy", "", False),
+        tokens=tokens,
+        providers=providers,
+        resources=resources,
+        rules=_rules(data.get("rules"), reader, problems),
+        registration_ttl=reader.integer(data, "registration_ttl", "", 7 * 86400, minimum=3600),
+        testing=testing,
+        allow_insecure_issuer=allow_insecure,
+    )
+    if problems:
+        raise ConfigError(problems)
+    return return_settings
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    testing: bool = False,
+) -> Settings:
+    """Read and validate the YAML file at ``path`` (default: ``$BROKER_CONFIG``)."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_CONFIG)
+    if not path:
+        raise ConfigError([f"no configuration file: pass --config or set {ENV_CONFIG}"])
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{file}: not valid YAML{where}"]) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError([f"{file}: the top level must be a mapping"])
+    return parse(data, env=env, base_dir=str(file.resolve().parent), testing=testing)

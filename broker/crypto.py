@@ -1,0 +1,117 @@
+"""Secrets at rest.
+
+Keys for encryption derive from the operator's ``secret_key`` with HKDF-SHA256 (RFC 5869), one key
+per purpose and version. Sealed values are AES-256-GCM with associated data naming the table, row
+and purpose, so a sealed value copied to another row or column does not open. Values presented
+back to us (codes, refresh tokens, session ids) are stored as SHA-256 hashes; client secrets and
+passwords use a slow hash (argon2id).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SEAL_VERSION = 1
+_password_hasher = PasswordHasher()
+
+
+class SealError(Exception):
+    """A sealed value could not be opened (wrong key, wrong AAD, or tampered)."""
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64d(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Sealer:
+    """AES-GCM seal/open under keys derived from the root secret.
+
+    The output is ``v<version>.<base64url(nonce || ciphertext)>``: the version names the derived
+    key, so a later version (a new root secret) can be added while old values still open.
+    """
+
+    def __init__(self, secret_key: str, *, previous: tuple[str, ...] = ()) -> None:
+        self._keys: dict[int, AESGCM] = {SEAL_VERSION: AESGCM(derive_key(secret_key, "seal"))}
+        self._previous = [AESGCM(derive_key(s, "seal")) for s in previous]
+
+    def seal(self, plaintext: bytes, aad: str) -> str:
+        nonce = os.urandom(12)
+        ciphertext = self._keys[SEAL_VERSION].encrypt(nonce, plaintext, aad.encode("utf-8"))
+        return f"v{SEAL_VERSION}.{_b64e(nonce + ciphertext)}"
+
+    def open(self, sealed: str, aad: str) -> bytes:
+        version, _, body = sealed.partition(".")
+        if not version.startswith("v") or not version[1:].isdigit() or not body:
+            raise SealError("malformed sealed value")
+        key = self._keys.get(int(version[1:]))
+        if key is None:
+            raise SealError("unknown seal version")
+        raw = _b64d(body)
+        for candidate in (key, *self._previous):
+            try:
+                return candidate.decrypt(raw[:12], raw[12:], aad.encode("utf-8"))
+            except InvalidTag:
+                continue
+        raise SealError("sealed value does not open")
+
+    def seal_text(self, text: str, aad: str) -> str:
+        return self.seal(text.encode("utf-8"), aad)
+
+    def open_text(self, sealed: str, aad: str) -> str:
+        return self.open(sealed, aad).decode("utf-8")
+
+
+def derive_key(
+    secret_key: str, purpose: str, *, version: int = SEAL_VERSION, length: int = 32
+) -> bytes:
+    """HKDF-SHA256 of the root secret for one purpose and version."""
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=length,
+        salt=b"mcp-identity-broker",
+        info=f"broker/v{version}/{purpose}".encode(),
+    ).derive(secret_key.encode("utf-8"))
+
+
+def token_hash(value: str) -> str:
+    """SHA-256 of a high-entropy value we issued (code, refresh token, session id)."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def new_token(nbytes: int = 32) -> str:
+    return secrets.token_urlsafe(nbytes)
+
+
+def constant_time_equals(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def hash_password(secret: str) -> str:
+    """A slow hash (argon2id) for client secrets and passwords."""
+    return _password_hasher.hash(secret)
+
+
+def verify_password(hashed: str, secret: str) -> bool:
+    try:
+        return _password_hasher.verify(hashed, secret)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+# A hash that takes as long to check as a real one, for unknown users (no timing oracle).
+DUMMY_PASSWORD_HASH = _password_hasher.hash(secrets.token_urlsafe(16))

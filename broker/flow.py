@@ -1,0 +1,598 @@
+"""The authorization request path (DESIGN.md, "The request path"), independent of Flask.
+
+1. ``/authorize`` validates the client and redirect URI first, then PKCE, resource and scope, and
+   stores a :class:`PendingLogin` (any worker can finish it).
+2. Unless this browser's broker session already approved the client, the consent page comes first;
+   the browser is never sent upstream for a client it has not approved (MCP security practices,
+   confused deputy).
+3. The upstream ``state`` is created only after approval, single use, bound to the pending login
+   and to this browser.
+4. After sign-in: link the identity to a user, seal upstream tokens, start a broker session,
+   record the consent, apply policy, issue a grant and a single-use code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from authlib.common.urls import add_params_to_uri
+from authlib.oauth2 import OAuth2Error
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from werkzeug.wrappers import Request, Response
+
+from providers.contract import Identity as UpstreamIdentity
+from providers.contract import LoginResult
+
+from . import policy
+from .config import ResourceSettings, Settings
+from .crypto import Sealer, new_token, token_hash
+from .db import rows_affected, utcnow
+from .models import (
+    AuditEvent,
+    BrowserSession,
+    Client,
+    Consent,
+    Grant,
+    Identity,
+    PendingLogin,
+    UpstreamToken,
+    User,
+)
+from .oauth2.clients import is_loopback_redirect, redirect_digest
+from .oauth2.rfc6749 import GrantUser
+from .oauth2.server import BrokerAuthorizationServer
+
+log = logging.getLogger(__name__)
+
+SESSION_TTL = dt.timedelta(hours=12)
+IGNORED_SCOPES = {"offline_access", "openid", "profile", "email"}
+
+
+class FlowError(Exception):
+    """An error shown as a page (never a redirect): the request cannot be tied to a validated
+    redirect URI, or the browser is not the one that started it."""
+
+    def __init__(self, status: int, title: str, message: str) -> None:
+        super().__init__(title)
+        self.status = status
+        self.title = title
+        self.message = message
+
+
+@dataclass
+class Denied:
+    """Policy said no: a page that explains, with a link back to the client carrying
+    ``access_denied``."""
+
+    reason: str
+    redirect_to: str
+    client_name: str
+
+
+def error_redirect(
+    settings: Settings, redirect_uri: str, error: str, description: str | None, state: str | None
+) -> str:
+    """An authorization error response (RFC 6749 section 4.1.2.1) with ``iss`` (RFC 9207),
+    only ever to an already validated redirect URI."""
+    params = [("error", error)]
+    if description:
+        params.append(("error_description", description))
+    if state is not None:
+        params.append(("state", state))
+    params.append(("iss", settings.issuer))
+    return str(add_params_to_uri(redirect_uri, params))
+
+
+def requested_scopes(scope: str) -> list[str]:
+    return [s for s in dict.fromkeys(scope.split()) if s]
+
+
+def host_of(uri: str) -> str:
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    return parts.netloc or f"{parts.scheme}:"
+
+
+class AuthorizationFlow:
+    def __init__(
+        self, settings: Settings, server: BrokerAuthorizationServer, sealer: Sealer
+    ) -> None:
+        self.settings = settings
+        self.server = server
+        self.sealer = sealer
+
+    # -- /authorize ------------------------------------------------------------------------
+
+    def start(
+        self, session: Session, request: Request, browser_hash: str
+    ) -> tuple[str, PendingLogin]:
+        """Validate the request and store a pending login; raises :class:`OAuth2Error` (its
+        ``redirect_uri`` is set only once the redirect URI is validated)."""
+        oauth_request = self.server.create_oauth2_request(request)
+        grant = self.server.get_consent_grant(oauth_request)
+        req = grant.request
+        resource: ResourceSettings = req.resource
+        client = req.client
+        data = req.payload.data
+        prompt = set((data.get("prompt") or "").split())
+        if "none" in prompt and len(prompt) > 1:
+            raise OAuth2Error(
+                "prompt=none cannot be combined",
+                redirect_uri=req.validated_redirect_uri,
+                state=data.get("state"),
+            )
+        now = utcnow()
+        pending = PendingLogin(
+            id=new_token(24),
+            browser_hash=browser_hash,
+            client_id=client.get_client_id(),
+            redirect_uri=req.validated_redirect_uri,
+            scope=" ".join(requested_scopes(data.get("scope") or "")),
+            resource=resource.uri,
+            state=data.get("state"),
+            code_challenge=data["code_challenge"],
+            code_challenge_method=data.get("code_challenge_method", "S256"),
+            request_params={k: v for k, v in req.payload.datalist.items()},
+            created_at=now,
+            expires_at=now + dt.timedelta(seconds=self.settings.tokens.login_ttl),
+        )
+        session.add(pending)
+        return ",".join(sorted(prompt)), pending
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def pending(
+        self, session: Session, login_id: str | None, browser_hash: str | None
+    ) -> PendingLogin:
+        if not login_id or len(login_id) > 64:
+            raise FlowError(
+                400,
+                "Sign-in request not found",
+                "This sign-in request is missing. Start again from your application.",
+            )
+        pending = session.get(PendingLogin, login_id)
+        if pending is None or pending.expires_at <= utcnow():
+            raise FlowError(
+                400,
+                "Sign-in request expired",
+                "This sign-in request has expired. Start again from your application.",
+            )
+        if not browser_hash or not secrets.compare_digest(pending.browser_hash, browser_hash):
+            raise FlowError(
+                400,
+                "Sign-in request from another browser",
+                "This sign-in request was started in another browser. "
+                "Start again from your application.",
+            )
+        if pending.completed_at is not None:
+            raise FlowError(
+                400,
+                "Sign-in request already used",
+                "This sign-in request was already completed. Start again from your application.",
+            )
+        return pending
+
+    def client(self, session: Session, pending: PendingLogin) -> Client:
+        client = session.get(Client, pending.client_id)
+        if client is None:
+            raise FlowError(400, "Unknown application", "The application is no longer registered.")
+        return client
+
+    def resource(self, pending: PendingLogin) -> ResourceSettings:
+        resource = self.settings.resource(pending.resource)
+        if resource is None:
+            raise FlowError(400, "Unknown resource", "The resource is no longer configured.")
+        return resource
+
+    def allowed_providers(
+        self, client: Client, resource: ResourceSettings, configured: list[str]
+    ) -> list[str]:
+        names = [n for n in configured if resource.providers is None or n in resource.providers]
+        if client.allowed_providers is not None:
+            names = [n for n in names if n in client.allowed_providers]
+        return names
+
+    def browser_session(self, session: Session, cookie_value: str | None) -> BrowserSession | None:
+        if not cookie_value:
+            return None
+        row = session.get(BrowserSession, token_hash(cookie_value))
+        if row is None or row.revoked_at is not None or row.expires_at <= utcnow():
+            return None
+        user = session.get(User, row.user_id)
+        if user is None or user.disabled_at is not None:
+            return None
+        return row
+
+    def consent_covers(
+        self, session: Session, user_id: str, client: Client, resource: str, scopes: list[str]
+    ) -> bool:
+        consent = session.scalars(
+            select(Consent).where(
+                Consent.user_id == user_id,
+                Consent.client_id == client.client_id,
+                Consent.resource == resource,
+                Consent.revoked_at.is_(None),
+            )
+        ).first()
+        if consent is None:
+            return False
+        if consent.redirect_digest != redirect_digest(client.redirect_uris):
+            return False
+        return set(scopes) <= set(consent.scopes)
+
+    def display_scopes(
+        self, pending: PendingLogin, resource: ResourceSettings
+    ) -> list[tuple[str, str]]:
+        asked = [s for s in requested_scopes(pending.scope) if s in resource.scopes]
+        if not asked:
+            asked = list(resource.scopes)
+        for s in resource.required_scopes:
+            if s not in asked:
+                asked.append(s)
+        return [(s, resource.scopes[s]) for s in asked]
+
+    def consent_view(
+        self,
+        session: Session,
+        pending: PendingLogin,
+        provider_names: list[str],
+        browser: BrowserSession | None,
+    ) -> dict[str, Any]:
+        client = self.client(session, pending)
+        resource = self.resource(pending)
+        signed_in = None
+        if browser is not None:
+            identity = session.get(Identity, browser.identity_id)
+            if identity is not None and identity.provider in provider_names:
+                snap = identity.snapshot
+                signed_in = {
+                    "provider": identity.provider,
+                    "who": snap.get("email") or snap.get("username") or snap.get("subject"),
+                }
+        return {
+            "client_name": client.name,
+            "client_kind": client.kind,
+            "client_id": client.client_id,
+            "client_host": host_of(client.client_id) if client.kind == "cimd" else None,
+            "redirect_host": host_of(pending.redirect_uri),
+            "all_localhost": all(is_loopback_redirect(u) for u in client.redirect_uris),
+            "resource_name": resource.name,
+            "resource_uri": resource.uri,
+            "scopes": self.display_scopes(pending, resource),
+            "signed_in": signed_in,
+        }
+
+    # -- after approval --------------------------------------------------------------------
+
+    def approve(
+        self, session: Session, pending: PendingLogin, provider: str
+    ) -> tuple[str, str, str]:
+        """Record approval and create the upstream ``state`` (only now, after approval).
+        Returns (state, nonce, code_verifier)."""
+        state, nonce, verifier = new_token(32), new_token(24), new_token(48)
+        pending.approved_at = utcnow()
+        pending.provider = provider
+        pending.upstream_state_hash = token_hash(state)
+        pending.upstream_secrets_sealed = self.sealer.seal_text(
+            json.dumps({"nonce": nonce, "code_verifier": verifier}),
+            f"pending_logins:{pending.id}:upstream",
+        )
+        return state, nonce, verifier
+
+    def deny(self, session: Session, pending: PendingLogin, address: str | None) -> str:
+        pending.completed_at = utcnow()
+        session.add(
+            AuditEvent(
+                type="consent",
+                outcome="denied",
+                client_id=pending.client_id,
+                resource=pending.resource,
+                address=address,
+                reason="user_denied",
+            )
+        )
+        return error_redirect(
+            self.settings,
+            pending.redirect_uri,
+            "access_denied",
+            "The user denied the request.",
+            pending.state,
+        )
+
+    def consume_upstream_state(
+        self, session: Session, provider: str, state: str | None, browser_hash: str | None
+    ) -> tuple[PendingLogin, dict[str, str]]:
+        """Find and consume the pending login the upstream ``state`` is bound to (single use)."""
+        if not state or len(state) > 512:
+            raise FlowError(400, "Invalid sign-in response", "The sign-in response has no state.")
+        digest = token_hash(state)
+        pending = session.scalars(
+            select(PendingLogin).where(PendingLogin.upstream_state_hash == digest)
+        ).first()
+        if pending is None or pending.provider != provider:
+            raise FlowError(
+                400,
+                "Invalid sign-in response",
+                "This sign-in response does not match any request in progress.",
+            )
+        if not browser_hash or not secrets.compare_digest(pending.browser_hash, browser_hash):
+            raise FlowError(
+                400,
+                "Sign-in request from another browser",
+                "This sign-in was started in another browser. Start again from your application.",
+            )
+        now = utcnow()
+        won = rows_affected(
+            session,
+            update(PendingLogin)
+            .where(
+                PendingLogin.id == pending.id,
+                PendingLogin.completed_at.is_(None),
+                PendingLogin.expires_at > now,
+            )
+            .values(completed_at=now),
+        )
+        if not won:
+            raise FlowError(
+                400,
+                "Sign-in response already used",
+                "This sign-in response was already used or has expired. Start again "
+                "from your application.",
+            )
+        assert pending.upstream_secrets_sealed is not None
+        secrets_ = json.loads(
+            self.sealer.open_text(
+                pending.upstream_secrets_sealed, f"pending_logins:{pending.id}:upstream"
+            )
+        )
+        pending.upstream_secrets_sealed = None
+        return pending, secrets_
+
+    def upstream_failed(
+        self, session: Session, pending: PendingLogin, error: str, reason: str, address: str | None
+    ) -> str:
+        session.add(
+            AuditEvent(
+                type="login",
+                outcome="failure",
+                client_id=pending.client_id,
+                resource=pending.resource,
+                provider=pending.provider,
+                reason=reason[:255],
+                address=address,
+            )
+        )
+        descriptions = {
+            "access_denied": "The sign-in was not completed.",
+            "temporarily_unavailable": "The identity provider is unavailable; try again later.",
+        }
+        return error_redirect(
+            self.settings, pending.redirect_uri, error, descriptions.get(error), pending.state
+        )
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def link_identity(self, session: Session, result: LoginResult) -> Identity:
+        """The identity row for this upstream identity, creating the user on first sign-in."""
+        upstream: UpstreamIdentity = result.identity
+        now = utcnow()
+        row = session.scalars(
+            select(Identity).where(
+                Identity.provider == upstream.provider, Identity.subject == upstream.subject
+            )
+        ).first()
+        if row is None:
+            try:
+                with session.begin_nested():
+                    user = User(id="usr_" + secrets.token_urlsafe(18), created_at=now)
+                    session.add(user)
+                    session.flush()
+                    row = Identity(
+                        user_id=user.id,
+                        provider=upstream.provider,
+                        subject=upstream.subject,
+                        snapshot=upstream.snapshot(),
+                        created_at=now,
+                        last_login_at=now,
+                    )
+                    session.add(row)
+                    session.flush()
+            except IntegrityError:  # the same identity signed in on another worker just now
+                row = session.scalars(
+                    select(Identity).where(
+                        Identity.provider == upstream.provider, Identity.subject == upstream.subject
+                    )
+                ).one()
+        row.snapshot = upstream.snapshot()
+        row.last_login_at = now
+        if result.tokens is not None:
+            self._store_upstream_tokens(session, row, result)
+        return row
+
+    def _store_upstream_tokens(
+        self, session: Session, identity: Identity, result: LoginResult
+    ) -> None:
+        tokens = result.tokens
+        assert tokens is not None
+        aad = f"upstream_tokens:{identity.id}"
+        row = session.get(UpstreamToken, identity.id)
+        if row is None:
+            row = UpstreamToken(identity_id=identity.id, provider=identity.provider)
+            session.add(row)
+        row.access_token_sealed = self.sealer.seal_text(tokens.access_token, aad + ":access")
+        row.refresh_token_sealed = (
+            self.sealer.seal_text(tokens.refresh_token, aad + ":refresh")
+            if tokens.refresh_token
+            else row.refresh_token_sealed
+        )
+        row.expires_at = (
+            dt.datetime.fromtimestamp(tokens.expires_at, dt.UTC) if tokens.expires_at else None
+        )
+        row.scope = tokens.scope
+        row.context = dict(tokens.context)
+        row.updated_at = utcnow()
+
+    def new_browser_session(self, session: Session, identity: Identity) -> str:
+        value = new_token(32)
+        now = utcnow()
+        session.add(
+            BrowserSession(
+                id_hash=token_hash(value),
+                user_id=identity.user_id,
+                identity_id=identity.id,
+                created_at=now,
+                expires_at=now + SESSION_TTL,
+            )
+        )
+        return value
+
+    def finish(
+        self,
+        session: Session,
+        pending: PendingLogin,
+        identity: Identity,
+        address: str | None,
+        *,
+        auth_time: dt.datetime | None = None,
+    ) -> str | Denied:
+        """Apply policy, record consent, issue a grant and a code; the redirect to the client."""
+        now = utcnow()
+        pending.completed_at = pending.completed_at or now
+        pending.user_id = identity.user_id
+        pending.identity_id = identity.id
+        client = self.client(session, pending)
+        resource = self.resource(pending)
+        decision = policy.decide(self.settings, resource, identity.snapshot)
+        asked = [s for s in requested_scopes(pending.scope) if s not in IGNORED_SCOPES]
+        granted = [s for s in asked if s in decision.scopes] if asked else sorted(decision.scopes)
+        for s in resource.required_scopes:
+            if s in decision.scopes and s not in granted:
+                granted.append(s)
+        reason = decision.denied
+        if reason is None and not set(resource.required_scopes) <= set(granted):
+            reason = "Your account is not entitled to the access this resource requires."
+        if reason is not None:
+            session.add(
+                AuditEvent(
+                    type="deny",
+                    outcome="denied",
+                    user_id=identity.user_id,
+                    client_id=client.client_id,
+                    resource=resource.uri,
+                    provider=identity.provider,
+                    reason=reason[:255],
+                    address=address,
+                )
+            )
+            return Denied(
+                reason,
+                error_redirect(
+                    self.settings,
+                    pending.redirect_uri,
+                    "access_denied",
+                    "Access denied by policy.",
+                    pending.state,
+                ),
+                client.name,
+            )
+        self._record_consent(
+            session,
+            identity.user_id,
+            client,
+            resource.uri,
+            [s for s, _ in self.display_scopes(pending, resource)],
+        )
+        grant_row = Grant(
+            id="gr_" + secrets.token_urlsafe(18),
+            user_id=identity.user_id,
+            client_id=client.client_id,
+            resource=resource.uri,
+            scope=" ".join(granted),
+            identity_id=identity.id,
+            auth_time=auth_time or now,
+            created_at=now,
+        )
+        session.add(grant_row)
+        session.add(
+            AuditEvent(
+                type="login",
+                outcome="success",
+                user_id=identity.user_id,
+                client_id=client.client_id,
+                resource=resource.uri,
+                provider=identity.provider,
+                address=address,
+                details={"grant": grant_row.id, "scope": grant_row.scope},
+            )
+        )
+        session.flush()
+        oauth_request = self.server.stored_authorization_request(pending.request_params)
+        with self.server.request_state(session, address):
+            authlib_grant = self.server.get_authorization_grant(oauth_request)
+            response: Response = self.server.create_authorization_response(
+                request=oauth_request, grant_user=GrantUser(grant_row), grant=authlib_grant
+            )
+        location = response.headers.get("Location")
+        if (
+            response.status_code != 302
+            or not location
+            or "code" not in parse_qs(urlsplit(location).query)
+        ):
+            # The stored request no longer validates (client removed or changed): roll back.
+            raise FlowError(
+                400,
+                "Request no longer valid",
+                "The application's request is no longer valid. Start again.",
+            )
+        return str(location)
+
+    def _record_consent(
+        self, session: Session, user_id: str, client: Client, resource: str, scopes: list[str]
+    ) -> None:
+        consent = session.scalars(
+            select(Consent).where(
+                Consent.user_id == user_id,
+                Consent.client_id == client.client_id,
+                Consent.resource == resource,
+            )
+        ).first()
+        digest = redirect_digest(client.redirect_uris)
+        now = utcnow()
+        if consent is None:
+            session.add(
+                Consent(
+                    user_id=user_id,
+                    client_id=client.client_id,
+                    resource=resource,
+                    scopes=sorted(set(scopes)),
+                    redirect_digest=digest,
+                    granted_at=now,
+                )
+            )
+        else:
+            if consent.revoked_at is None and consent.redirect_digest == digest:
+                scopes = sorted(set(scopes) | set(consent.scopes))
+            consent.scopes = sorted(set(scopes))
+            consent.redirect_digest = digest
+            consent.granted_at = now
+            consent.revoked_at = None
+        session.add(
+            AuditEvent(
+                type="consent",
+                outcome="success",
+                user_id=user_id,
+                client_id=client.client_id,
+                resource=resource,
+                details={"scopes": sorted(set(scopes))},
+            )
+        )

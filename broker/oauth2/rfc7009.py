@@ -1,0 +1,58 @@
+"""RFC 7009 - OAuth 2.0 Token Revocation.
+
+Section 2.1: revoking a refresh token SHOULD also invalidate the access tokens of the same grant;
+here it revokes the whole grant (every refresh token of the family). Revoking an access token
+lists its ``jti`` until it expires. Section 2.2: the answer is 200 also for unknown or invalid
+tokens; a token of another client is not revoked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from authlib.oauth2.rfc7009 import RevocationEndpoint
+
+from ..models import AuditEvent
+from .rfc6749 import CLIENT_AUTH_METHODS
+from .tokens import KnownToken, find_token, revoke_access_token
+
+
+class TokenRevocation(RevocationEndpoint):  # type: ignore[misc]
+    CLIENT_AUTH_METHODS = CLIENT_AUTH_METHODS
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> KnownToken | None:
+        server = self.server
+        return find_token(
+            server.state().session,
+            server.keys,
+            server.settings.issuer,
+            token_string,
+            token_type_hint,
+        )
+
+    def authenticate_token(self, request: Any, client: Any) -> KnownToken | None:
+        self.check_params(request, client)
+        token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
+        if token is not None and token.client_id == client.get_client_id():
+            return token
+        return None
+
+    def revoke_token(self, token: KnownToken, request: Any) -> None:
+        from .server import revoke_grant
+
+        state = self.server.state()
+        if token.kind == "refresh_token":
+            assert token.grant is not None
+            revoke_grant(state.session, token.grant.id, "revoked_by_client")
+        else:
+            revoke_access_token(state.session, token)
+        state.session.add(
+            AuditEvent(
+                type="revoke",
+                outcome="success",
+                client_id=token.client_id,
+                user_id=str(token.claims.get("sub")),
+                address=state.address,
+                reason=f"{token.kind}_revoked_by_client",
+            )
+        )

@@ -1,0 +1,41 @@
+"""RFC 7662 - OAuth 2.0 Token Introspection.
+
+Section 2.1: the caller authenticates (confidential clients only here). Section 2.2: an inactive,
+unknown or foreign token is ``{"active": false}`` and nothing else. A client may introspect the
+tokens issued to it; MCP servers normally verify the JWT locally instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from authlib.oauth2.rfc7662 import IntrospectionEndpoint
+
+from .tokens import KnownToken, find_token
+
+
+class TokenIntrospection(IntrospectionEndpoint):  # type: ignore[misc]
+    CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> KnownToken | None:
+        server = self.server
+        return find_token(
+            server.state().session,
+            server.keys,
+            server.settings.issuer,
+            token_string,
+            token_type_hint,
+        )
+
+    def check_permission(self, token: KnownToken, client: Any, request: Any) -> bool:
+        return bool(token.client_id == client.get_client_id())
+
+    def introspect_token(self, token: KnownToken) -> dict[str, Any]:
+        if not token.active:
+            return {"active": False}
+        claims = token.claims
+        body = {"active": True, "iss": self.server.settings.issuer}
+        for key in ("sub", "aud", "scope", "client_id", "exp", "iat", "nbf", "jti", "token_type"):
+            if key in claims:
+                body[key] = claims[key]
+        return body

@@ -1,0 +1,307 @@
+"""The authorization server: Authlib's framework-neutral server with the broker's storage.
+
+Requests arrive as Werkzeug request objects passed in explicitly (no Flask globals); the database
+session of the current request travels in a context variable set by the caller with
+:meth:`BrokerAuthorizationServer.request_state`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from authlib.oauth2.rfc6749 import AuthorizationServer, JsonRequest, OAuth2Request
+from authlib.oauth2.rfc6749.requests import JsonPayload, OAuth2Payload
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+from werkzeug.datastructures import MultiDict
+from werkzeug.wrappers import Request, Response
+
+from ..config import Settings
+from ..crypto import Sealer, new_token, token_hash
+from ..db import Database, utcnow
+from ..keys import KeyRing
+from ..models import AuditEvent, Client, Grant, RefreshToken
+from .clients import OAuthClient
+from .rfc6749 import (
+    AuthorizationCodeGrant,
+    GrantUser,
+    RefreshCredential,
+    RefreshTokenGrant,
+    successor_aad,
+)
+from .rfc7636 import S256CodeChallenge
+from .rfc9068 import AccessTokenClaims, issue_access_token
+from .rfc9207 import IssuerParameter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    """Per-request storage context: the session, and security actions that must survive a
+    rolled-back request (revoking a grant after a replayed code or a reused refresh token)."""
+
+    session: Session
+    address: str | None = None
+    revocations: list[tuple[str, str]] = field(default_factory=list)
+
+    def revoke_grant(self, grant_id: str, reason: str) -> None:
+        self.revocations.append((grant_id, reason))
+
+
+_state: contextvars.ContextVar[RequestState] = contextvars.ContextVar("broker_oauth_state")
+
+
+class _WerkzeugPayload(OAuth2Payload):  # type: ignore[misc]
+    def __init__(self, values: MultiDict[str, str]) -> None:
+        self._values = values
+
+    @property
+    def data(self) -> MultiDict[str, str]:
+        return self._values
+
+    @property
+    def datalist(self) -> dict[str, list[str]]:
+        return {k: self._values.getlist(k) for k in self._values}
+
+
+class WerkzeugOAuth2Request(OAuth2Request):  # type: ignore[misc]
+    """An Authlib request built from a Werkzeug request, or from stored authorization params."""
+
+    def __init__(
+        self,
+        method: str,
+        uri: str,
+        headers: Any,
+        args: MultiDict[str, str],
+        form: MultiDict[str, str],
+    ) -> None:
+        super().__init__(method=method, uri=uri, headers=headers)
+        self._args = args
+        self._form = form
+        values: MultiDict[str, str] = MultiDict(args)
+        for key, value in form.items(multi=True):
+            values.add(key, value)
+        self.payload = _WerkzeugPayload(values)
+        self.resource = None
+        self.validated_redirect_uri: str | None = None
+
+    @property
+    def args(self) -> MultiDict[str, str]:
+        return self._args
+
+    @property
+    def form(self) -> MultiDict[str, str]:
+        return self._form
+
+
+class _JsonPayload(JsonPayload):  # type: ignore[misc]
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self._data
+
+
+class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
+    def __init__(self, settings: Settings, db: Database, keys: KeyRing, sealer: Sealer) -> None:
+        super().__init__(scopes_supported=None)
+        self.settings = settings
+        self.db = db
+        self.keys = keys
+        self.sealer = sealer
+        self.register_grant(AuthorizationCodeGrant, [S256CodeChallenge()])
+        self.register_grant(RefreshTokenGrant)
+        self.register_extension(IssuerParameter(settings.issuer))
+
+    # -- request context ------------------------------------------------------------------
+
+    @contextmanager
+    def request_state(self, session: Session, address: str | None = None) -> Iterator[RequestState]:
+        state = RequestState(session, address)
+        token = _state.set(state)
+        try:
+            yield state
+        finally:
+            _state.reset(token)
+
+    def state(self) -> RequestState:
+        return _state.get()
+
+    def apply_revocations(self, state: RequestState) -> None:
+        """Run the revocations a failed request asked for, in their own transaction."""
+        if not state.revocations:
+            return
+        with self.db.session() as session:
+            for grant_id, reason in state.revocations:
+                revoke_grant(session, grant_id, reason)
+                grant = session.get(Grant, grant_id)
+                session.add(
+                    AuditEvent(
+                        type="revoke",
+                        outcome="success",
+                        reason=reason,
+                        user_id=grant.user_id if grant else None,
+                        client_id=grant.client_id if grant else None,
+                        resource=grant.resource if grant else None,
+                        address=state.address,
+                        details={"grant": grant_id},
+                    )
+                )
+                log.warning("grant revoked: %s (grant %s)", reason, grant_id)
+
+    # -- Authlib framework hooks -----------------------------------------------------------
+
+    def create_oauth2_request(self, request: Any) -> OAuth2Request:
+        if isinstance(request, OAuth2Request):
+            return request
+        assert isinstance(request, Request)
+        form = request.form if request.method == "POST" else MultiDict()
+        return WerkzeugOAuth2Request(
+            request.method, request.url, request.headers, request.args, form
+        )
+
+    def stored_authorization_request(self, params: dict[str, list[str]]) -> WerkzeugOAuth2Request:
+        """Rebuild the authorization request a pending login holds (any worker can finish it)."""
+        args: MultiDict[str, str] = MultiDict([(k, v) for k, vs in params.items() for v in vs])
+        uri = f"{self.settings.issuer}/authorize?{urlencode(list(args.items(multi=True)))}"
+        return WerkzeugOAuth2Request("GET", uri, {}, args, MultiDict())
+
+    def create_json_request(self, request: Any) -> JsonRequest:
+        body = request.get_json(silent=True)
+        json_request = JsonRequest(request.method, request.url, request.headers)
+        json_request.payload = _JsonPayload(body if isinstance(body, dict) else {})
+        return json_request
+
+    def handle_response(self, status: int, body: Any, headers: Any) -> Response:
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        response = Response(body, status=status, headers=dict(headers))
+        return response
+
+    def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    # -- storage ---------------------------------------------------------------------------
+
+    def query_client(self, client_id: str) -> OAuthClient | None:
+        if not client_id or len(client_id) > 2048:
+            return None
+        row = self.state().session.get(Client, client_id)
+        if row is None:
+            return None
+        if row.expires_at is not None and row.expires_at <= utcnow():
+            return None
+        return OAuthClient(row)
+
+    def generate_token(
+        self,
+        grant_type: str,
+        client: OAuthClient,
+        user: GrantUser | None = None,
+        scope: str | None = None,
+        expires_in: int | None = None,
+        include_refresh_token: bool = True,
+    ) -> dict[str, Any]:
+        assert user is not None
+        grant = user.grant
+        lifetime = expires_in or self.settings.tokens.access_ttl
+        key = self.keys.active(self.state().session)
+        access_token, _ = issue_access_token(
+            key,
+            AccessTokenClaims(
+                issuer=self.settings.issuer,
+                subject=grant.user_id,
+                audience=grant.resource,
+                client_id=client.get_client_id(),
+                scope=scope or "",
+                auth_time=int(grant.auth_time.timestamp()),
+                lifetime=lifetime,
+            ),
+        )
+        token: dict[str, Any] = {
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "scope": scope or "",
+        }
+        if include_refresh_token:
+            token["refresh_token"] = new_token(32)
+        return token
+
+    def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
+        state = self.state()
+        session = state.session
+        now = utcnow()
+        client = request.client
+        row = session.get(Client, client.get_client_id())
+        if row is not None:
+            row.last_used_at = now
+            if row.kind == "dcr":  # an unused registration expires; a used one lives on
+                row.expires_at = now + dt.timedelta(seconds=self.settings.registration_ttl)
+        plaintext = token.get("refresh_token")
+        credential: RefreshCredential | None = getattr(request, "refresh_token", None)
+        if credential is not None and credential.grace_successor is not None:
+            return  # the successor handed out again already exists
+        if not plaintext:
+            return
+        grant: Grant = request.user.grant
+        tokens = self.settings.tokens
+        digest = token_hash(plaintext)
+        expires = now + dt.timedelta(seconds=tokens.refresh_ttl)
+        parent_hash = None
+        if credential is not None:
+            parent_hash = credential.row.token_hash
+            # An absolute lifetime belongs to the family, not to each rotation.
+            expires = min(expires, credential.row.expires_at)
+            session.execute(
+                update(RefreshToken)
+                .where(RefreshToken.token_hash == parent_hash)
+                .values(
+                    successor_hash=digest,
+                    successor_sealed=self.sealer.seal_text(plaintext, successor_aad(parent_hash)),
+                )
+            )
+        session.add(
+            RefreshToken(
+                token_hash=digest,
+                grant_id=grant.id,
+                parent_hash=parent_hash,
+                scope=grant.scope,
+                issued_at=now,
+                expires_at=expires,
+                idle_expires_at=min(expires, now + dt.timedelta(seconds=tokens.refresh_idle_ttl)),
+            )
+        )
+        session.add(
+            AuditEvent(
+                type="issue" if credential is None else "refresh",
+                outcome="success",
+                user_id=grant.user_id,
+                client_id=grant.client_id,
+                resource=grant.resource,
+                address=state.address,
+                details={"grant": grant.id, "scope": token.get("scope", "")},
+            )
+        )
+
+
+def revoke_grant(session: Session, grant_id: str, reason: str) -> None:
+    session.execute(
+        update(Grant)
+        .where(Grant.id == grant_id, Grant.revoked_at.is_(None))
+        .values(revoked_at=utcnow(), revoke_reason=reason)
+    )
+    # Sealed successors are useless once the family is revoked; drop them.
+    session.execute(
+        update(RefreshToken).where(RefreshToken.grant_id == grant_id).values(successor_sealed=None)
+    )

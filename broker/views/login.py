@@ -1,0 +1,316 @@
+"""Pages of the sign-in: consent (with the provider chooser), the local login form, the upstream
+callback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from flask import Blueprint, redirect, request, url_for
+from sqlalchemy import func, select
+from werkzeug.wrappers import Response
+
+from providers.contract import CallbackRequest, FormLogin, LoginRequest, PasswordProvider
+from providers.errors import AccessDenied, LoginFailed, ProviderError, UpstreamUnavailable
+
+from ..db import utcnow
+from ..flow import Denied, FlowError
+from ..models import AuditEvent, PendingLogin
+from ._web import (
+    BROWSER_COOKIE,
+    SESSION_COOKIE,
+    broker,
+    browser_hash,
+    csrf_ok,
+    csrf_token,
+    error_page,
+    page,
+    read_cookie,
+    set_cookie,
+)
+from .oauth import denied_page
+
+log = logging.getLogger(__name__)
+bp = Blueprint("login", __name__)
+
+MAX_FAILURES = 5
+FAILURE_WINDOW = dt.timedelta(minutes=15)
+
+
+def _csrf_failure() -> Response:
+    return error_page(
+        400,
+        "Form expired",
+        "The form could not be verified (missing or invalid CSRF token). Go back and try again.",
+    )
+
+
+@bp.route("/consent", methods=["GET"])
+def consent() -> Response:
+    """The consent page: who asks, for what, and how to sign in."""
+    b = broker()
+    login_id = request.args.get("login")
+    try:
+        with b.db.session() as session:
+            pending = b.flow.pending(session, login_id, browser_hash())
+            client = b.flow.client(session, pending)
+            resource = b.flow.resource(pending)
+            allowed = b.flow.allowed_providers(client, resource, b.providers.names())
+            browser = b.flow.browser_session(session, read_cookie(SESSION_COOKIE))
+            view = b.flow.consent_view(session, pending, allowed, browser)
+    except FlowError as exc:
+        return error_page(exc.status, exc.title, exc.message)
+    if not allowed:
+        return error_page(
+            403,
+            "No sign-in method",
+            "No sign-in method is allowed for this "
+            "application and resource. Contact your administrator.",
+        )
+    providers = [(name, b.providers[name].display_name) for name in allowed]
+    return page(
+        "consent.html",
+        login_id=pending.id,
+        csrf=csrf_token("consent", pending.id),
+        providers=providers,
+        **view,
+    )
+
+
+@bp.route("/consent", methods=["POST"])
+def consent_submit() -> Response:
+    """Approve (then sign in) or deny."""
+    b = broker()
+    login_id = request.form.get("login", "")
+    if not csrf_ok("consent", login_id, request.form.get("csrf")):
+        return _csrf_failure()
+    action = request.form.get("action")
+    try:
+        with b.db.session() as session:
+            pending = b.flow.pending(session, login_id, browser_hash())
+            if action == "deny":
+                return redirect(b.flow.deny(session, pending, request.remote_addr))
+            if action != "approve":
+                return error_page(400, "Invalid form", "Choose approve or deny.")
+            client = b.flow.client(session, pending)
+            resource = b.flow.resource(pending)
+            allowed = b.flow.allowed_providers(client, resource, b.providers.names())
+            choice = request.form.get("provider", "")
+            if choice == "session":
+                browser = b.flow.browser_session(session, read_cookie(SESSION_COOKIE))
+                identity = None
+                if browser is not None:
+                    from ..models import Identity
+
+                    identity = session.get(Identity, browser.identity_id)
+                if browser is None or identity is None or identity.provider not in allowed:
+                    return error_page(
+                        400, "Session ended", "Your session has ended; sign in again."
+                    )
+                pending.approved_at = utcnow()
+                result = b.flow.finish(
+                    session, pending, identity, request.remote_addr, auth_time=browser.created_at
+                )
+                if isinstance(result, Denied):
+                    return denied_page(result)
+                return redirect(result)
+            if choice not in allowed:
+                return error_page(
+                    400, "Invalid sign-in method", "That sign-in method is not available here."
+                )
+            provider = b.providers[choice]
+            state, nonce, verifier = b.flow.approve(session, pending, choice)
+            login_id = pending.id
+    except FlowError as exc:
+        return error_page(exc.status, exc.title, exc.message)
+    # Outside the transaction: building the URL may call the upstream (OIDC discovery).
+    try:
+        target = provider.login_url(
+            LoginRequest(
+                state=state,
+                nonce=nonce,
+                code_verifier=verifier,
+                redirect_uri=f"{b.settings.issuer}/callback/{choice}",
+            ),
+            b.http,
+        )
+    except UpstreamUnavailable:
+        log.warning("provider %s unavailable while starting a login", choice)
+        return error_page(
+            503,
+            "Sign-in unavailable",
+            "The identity provider cannot be reached right now. Try again shortly.",
+        )
+    except ProviderError as exc:
+        log.warning("provider %s failed to start a login: %s", choice, exc)
+        return error_page(502, "Sign-in unavailable", "The identity provider is misconfigured.")
+    if isinstance(target, FormLogin):
+        return redirect(url_for("login.form_login", provider=choice, login=login_id))
+    return redirect(target)
+
+
+def _failures(session: object, actor: str) -> int:
+    since = utcnow() - FAILURE_WINDOW
+    stmt = (
+        select(func.count())
+        .select_from(AuditEvent)
+        .where(
+            AuditEvent.type == "login",
+            AuditEvent.outcome == "failure",
+            AuditEvent.actor == actor,
+            AuditEvent.at > since,
+        )
+    )
+    return int(session.execute(stmt).scalar_one())  # type: ignore[attr-defined]
+
+
+@bp.route("/login/<provider>", methods=["GET", "POST"])
+def form_login(provider: str) -> Response:
+    """The username and password form of a form-login provider (``local``)."""
+    b = broker()
+    plugin = b.providers.get(provider)
+    if plugin is None or not isinstance(plugin, PasswordProvider):
+        return error_page(404, "Not found", "There is no such sign-in method.")
+    login_id = request.values.get("login", "")
+    error = None
+    try:
+        if request.method == "POST":
+            if not csrf_ok("login", login_id, request.form.get("csrf")):
+                return _csrf_failure()
+            username = request.form.get("username", "").strip()[:128]
+            password = request.form.get("password", "")[:1024]
+            actor = f"{provider}:{username.lower()}"
+            with b.db.session() as session:
+                pending = b.flow.pending(session, login_id, browser_hash())
+                _check_approved(pending, provider)
+                if _failures(session, actor) >= MAX_FAILURES:
+                    return page(
+                        "login.html",
+                        status=429,
+                        login_id=login_id,
+                        provider=provider,
+                        display_name=plugin.display_name,
+                        username=username,
+                        csrf=csrf_token("login", login_id),
+                        error="Too many failed attempts. Wait a few minutes and try again.",
+                    )
+            try:
+                result = plugin.authenticate(username, password)
+            except LoginFailed:
+                with b.db.session() as session:
+                    session.add(
+                        AuditEvent(
+                            type="login",
+                            outcome="failure",
+                            provider=provider,
+                            actor=actor,
+                            reason="bad_credentials",
+                            address=request.remote_addr,
+                        )
+                    )
+                return page(
+                    "login.html",
+                    status=400,
+                    login_id=login_id,
+                    provider=provider,
+                    display_name=plugin.display_name,
+                    username=username,
+                    csrf=csrf_token("login", login_id),
+                    error="Invalid username or password.",
+                )
+            with b.db.session() as session:
+                pending = b.flow.pending(session, login_id, browser_hash())
+                _check_approved(pending, provider)
+                identity = b.flow.link_identity(session, result)
+                session_value = b.flow.new_browser_session(session, identity)
+                outcome = b.flow.finish(session, pending, identity, request.remote_addr)
+            response = denied_page(outcome) if isinstance(outcome, Denied) else redirect(outcome)
+            set_cookie(response, SESSION_COOKIE, session_value)
+            return response
+        with b.db.session() as session:
+            pending = b.flow.pending(session, login_id, browser_hash())
+            _check_approved(pending, provider)
+    except FlowError as exc:
+        return error_page(exc.status, exc.title, exc.message)
+    return page(
+        "login.html",
+        login_id=login_id,
+        provider=provider,
+        error=error,
+        username="",
+        display_name=plugin.display_name,
+        csrf=csrf_token("login", login_id),
+    )
+
+
+def _check_approved(pending: PendingLogin, provider: str) -> None:
+    if pending.approved_at is None or pending.provider != provider:
+        raise FlowError(
+            400,
+            "Consent required",
+            "Approve the application's request first. Start again from your application.",
+        )
+
+
+@bp.route("/callback/<provider>", methods=["GET"])
+def callback(provider: str) -> Response:
+    """The upstream provider sends the browser back here."""
+    b = broker()
+    plugin = b.providers.get(provider)
+    if plugin is None:
+        return error_page(404, "Not found", "There is no such sign-in method.")
+    params = {k: v for k, v in request.args.items()}
+    try:
+        with b.db.session() as session:
+            pending, upstream = b.flow.consume_upstream_state(
+                session, provider, params.get("state"), browser_hash()
+            )
+            pending_id = pending.id
+    except FlowError as exc:
+        return error_page(exc.status, exc.title, exc.message)
+    # Outside any transaction: the upstream token request and identity calls.
+    failure: tuple[str, str] | None = None
+    try:
+        result = plugin.handle_callback(
+            CallbackRequest(
+                params=params,
+                nonce=upstream["nonce"],
+                code_verifier=upstream["code_verifier"],
+                redirect_uri=f"{b.settings.issuer}/callback/{provider}",
+            ),
+            b.http,
+        )
+    except AccessDenied as exc:
+        failure = ("access_denied", exc.reason)
+    except LoginFailed as exc:
+        log.info("login through %s failed: %s (%s)", provider, exc.reason, exc.detail)
+        failure = ("access_denied", exc.reason)
+    except UpstreamUnavailable:
+        log.warning("provider %s unavailable during callback", provider)
+        failure = ("temporarily_unavailable", "upstream_unavailable")
+    except ProviderError as exc:
+        log.warning("provider %s error during callback: %s", provider, type(exc).__name__)
+        failure = ("access_denied", "provider_error")
+    session_value = None
+    try:
+        with b.db.session() as session:
+            row = session.get(PendingLogin, pending_id)
+            assert row is not None
+            pending = row
+            if failure is not None:
+                outcome: str | Denied = b.flow.upstream_failed(
+                    session, pending, failure[0], failure[1], request.remote_addr
+                )
+            else:
+                identity = b.flow.link_identity(session, result)
+                session_value = b.flow.new_browser_session(session, identity)
+                outcome = b.flow.finish(session, pending, identity, request.remote_addr)
+    except FlowError as exc:  # rolled back: nothing half-written
+        return error_page(exc.status, exc.title, exc.message)
+    response = denied_page(outcome) if isinstance(outcome, Denied) else redirect(outcome)
+    if session_value is not None:
+        set_cookie(response, SESSION_COOKIE, session_value)
+    return response
+
+
+__all__ = ["BROWSER_COOKIE", "bp"]

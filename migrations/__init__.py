@@ -1,0 +1,1 @@
+"""Alembic migrations of the broker's schema (``broker db upgrade`` runs them)."""

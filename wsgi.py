@@ -1,0 +1,3 @@
+from broker import create_app
+
+app = create_app()
