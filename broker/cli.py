@@ -10,7 +10,6 @@ from typing import Any, NoReturn
 
 import click
 from flask import Flask
-from flask.cli import AppGroup
 
 from .config import ENV_CONFIG, ConfigError
 from .config import load as load_config
@@ -102,8 +101,9 @@ def hash_password_cmd(password_stdin: bool) -> None:
     click.echo(hash_password(password))
 
 
-db = AppGroup("db", help="Database schema (Alembic migrations).")
-main.add_command(db)
+@main.group("db")
+def db() -> None:
+    """Database schema (Alembic migrations)."""
 
 
 @db.command("upgrade")
@@ -193,5 +193,5 @@ def _settings(ctx: click.Context) -> Any:
 
 
 def init_app(app: Flask) -> None:
-    """Make the same groups available as ``flask --app wsgi db ...``."""
-    app.cli.add_command(db)
+    """Make the broker's groups available as ``flask --app wsgi broker ...`` too."""
+    app.cli.add_command(main, "broker")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from broker.models import Base
+import broker.models  # noqa: F401 - registers every table on the metadata
+from broker.db import Base
 
 config = context.config
 target_metadata = Base.metadata

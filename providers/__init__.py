@@ -41,4 +41,4 @@ __all__ = [
 ]
 
 # Built-in plugins, registered through the same hook as third-party ones.
-BUILTIN_PLUGINS = ("providers.local",)
+BUILTIN_PLUGINS = ("providers.local", "providers.oidc")
