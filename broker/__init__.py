@@ -17,6 +17,7 @@ from .crypto import Sealer
 from .db import Database
 from .flow import AuthorizationFlow
 from .keys import KeyRing
+from .oauth2.cimd import ClientMetadataDocuments
 from .oauth2.rfc7591 import ClientRegistration
 from .oauth2.server import BrokerAuthorizationServer
 from .plugins import ProviderRegistry, plugin_manager
@@ -38,6 +39,7 @@ class Broker:
     flow: AuthorizationFlow
     providers: ProviderRegistry
     http: httpx.Client
+    cimd: ClientMetadataDocuments
 
 
 def create_app(
@@ -75,6 +77,7 @@ def create_app(
         from .migrate import is_current
 
         if not is_current(db.engine):
+            db.dispose()
             raise config_module.ConfigError(
                 [
                     "database_url: the database schema is not at the current version; "
@@ -101,6 +104,7 @@ def create_app(
         AuthorizationFlow(settings, server, sealer),
         providers,
         http,
+        ClientMetadataDocuments(settings, db),
     )
 
     from .views import init_app as init_views

@@ -64,6 +64,21 @@ class RuleSettings:
 
 
 @dataclass(frozen=True)
+class CIMDSettings:
+    """Client ID Metadata Documents: clients whose ``client_id`` is an https URL."""
+
+    enabled: bool = True
+    timeout: float = 5.0
+    max_bytes: int = 5120
+    cache_min: int = 300
+    cache_max: int = 86400
+    # Test-only allowances (refused outside tests): loopback hosts to fetch from, and a CA file
+    # to trust for them. Never a way to weaken the production SSRF rules.
+    allow_hosts: tuple[str, ...] = ()
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     issuer: str
     secret_key: str
@@ -77,6 +92,7 @@ class Settings:
     resources: tuple[ResourceSettings, ...] = ()
     rules: tuple[RuleSettings, ...] = ()
     registration_ttl: int = 7 * 24 * 3600
+    client_metadata_documents: CIMDSettings = field(default_factory=CIMDSettings)
     testing: bool = False
     allow_insecure_issuer: bool = False
 
@@ -346,6 +362,7 @@ TOP_LEVEL = {
     "resources",
     "rules",
     "registration_ttl",
+    "client_metadata_documents",
     "instance_path",
 }
 
@@ -443,6 +460,33 @@ def parse(
                     f"resources[{resources.index(res)}].providers: unknown provider {p}"
                 )
 
+    cimd_raw = reader.mapping(data.get("client_metadata_documents"), "client_metadata_documents")
+    reader.unknown(
+        cimd_raw,
+        {"enabled", "timeout", "max_bytes", "cache_min", "cache_max"}
+        | ({"allow_hosts", "ca_file"} if testing else set()),
+        "client_metadata_documents",
+    )
+    cimd = CIMDSettings(
+        enabled=reader.boolean(cimd_raw, "enabled", "client_metadata_documents", True),
+        timeout=float(
+            reader.integer(
+                cimd_raw, "timeout", "client_metadata_documents", 5, minimum=1, maximum=30
+            )
+        ),
+        max_bytes=reader.integer(
+            cimd_raw, "max_bytes", "client_metadata_documents", 5120, minimum=512, maximum=65536
+        ),
+        cache_min=reader.integer(
+            cimd_raw, "cache_min", "client_metadata_documents", 300, minimum=0, maximum=86400
+        ),
+        cache_max=reader.integer(
+            cimd_raw, "cache_max", "client_metadata_documents", 86400, minimum=60, maximum=7 * 86400
+        ),
+        allow_hosts=reader.strings(cimd_raw, "allow_hosts", "client_metadata_documents") or (),
+        ca_file=reader.string(cimd_raw, "ca_file", "client_metadata_documents"),
+    )
+
     return_settings = Settings(
         issuer=issuer,
         secret_key=secret_key,
@@ -456,6 +500,7 @@ def parse(
         resources=resources,
         rules=_rules(data.get("rules"), reader, problems),
         registration_ttl=reader.integer(data, "registration_ttl", "", 7 * 86400, minimum=3600),
+        client_metadata_documents=cimd,
         testing=testing,
         allow_insecure_issuer=allow_insecure,
     )

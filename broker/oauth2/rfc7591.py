@@ -17,7 +17,6 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from authlib.oauth2.rfc6749.errors import InvalidRequestError
 from authlib.oauth2.rfc7591 import ClientRegistrationEndpoint
 from authlib.oauth2.rfc7591.errors import InvalidClientMetadataError, InvalidRedirectURIError
 
@@ -66,7 +65,7 @@ def validate_redirect_uri(uri: Any, application_type: str) -> str:
 def normalize_client_metadata(data: Any) -> dict[str, Any]:
     """The registration request, validated and reduced to what the broker supports."""
     if not isinstance(data, dict) or not data:
-        raise InvalidRequestError("The registration request must be a JSON object.")
+        raise InvalidClientMetadataError("The registration request must be a JSON object.")
     app_type = data.get("application_type", "native")
     if app_type not in ("native", "web"):
         raise InvalidClientMetadataError("application_type must be native or web.")

@@ -199,6 +199,12 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         row = self.state().session.get(Client, client_id)
         if row is None:
             return None
+        if row.kind == "cimd":
+            # A metadata document client's expires_at says when /authorize fetches the document
+            # again (oauth2/cimd.py), not that the client is gone: grants keep working here.
+            if not self.settings.client_metadata_documents.enabled:
+                return None
+            return OAuthClient(row)
         if row.expires_at is not None and row.expires_at <= utcnow():
             return None
         return OAuthClient(row)

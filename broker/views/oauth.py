@@ -13,6 +13,7 @@ from ..crypto import new_token, token_hash
 from ..db import utcnow
 from ..flow import Denied, FlowError, error_redirect
 from ..models import Client, Identity
+from ..oauth2.cimd import CIMDError, is_client_id_url
 from ._web import (
     BROWSER_COOKIE,
     SESSION_COOKIE,
@@ -46,6 +47,18 @@ def authorize() -> Response:
     """RFC 6749 section 4.1.1, with PKCE, resource indicators and the consent-first order."""
     b = broker()
     settings = b.settings
+    client_id = request.args.get("client_id")
+    if is_client_id_url(client_id):
+        # A Client ID Metadata Document: fetched here, outside any database transaction. A
+        # failure means an unknown client: a page, never a redirect.
+        try:
+            b.cimd.ensure_fresh(client_id, request.remote_addr)
+        except CIMDError as exc:
+            return error_page(
+                400,
+                "Invalid request",
+                f"The application's client metadata document could not be used ({exc.reason}).",
+            )
     browser_value = read_cookie(BROWSER_COOKIE)
     new_browser = browser_value is None
     browser_value = browser_value or new_token(32)
