@@ -18,7 +18,9 @@ from .db import Database
 from .flow import AuthorizationFlow
 from .keys import KeyRing
 from .oauth2.cimd import ClientMetadataDocuments
+from .oauth2.rfc7009 import TokenRevocation
 from .oauth2.rfc7591 import ClientRegistration
+from .oauth2.rfc7662 import TokenIntrospection
 from .oauth2.server import BrokerAuthorizationServer
 from .plugins import ProviderRegistry, plugin_manager
 
@@ -90,6 +92,8 @@ def create_app(
         keys.ensure_active(session)  # first start: create the signing key
     server = BrokerAuthorizationServer(settings, db, keys, sealer)
     server.register_endpoint(ClientRegistration)
+    server.register_endpoint(TokenRevocation)
+    server.register_endpoint(TokenIntrospection)
     http = httpx.Client(
         timeout=httpx.Timeout(10.0),
         follow_redirects=False,

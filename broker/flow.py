@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,7 @@ from .oauth2.server import BrokerAuthorizationServer
 log = logging.getLogger(__name__)
 
 SESSION_TTL = dt.timedelta(hours=12)
+LOGIN_ID = re.compile(r"[A-Za-z0-9_-]+")
 IGNORED_SCOPES = {"offline_access", "openid", "profile", "email"}
 
 
@@ -154,7 +156,7 @@ class AuthorizationFlow:
     def pending(
         self, session: Session, login_id: str | None, browser_hash: str | None
     ) -> PendingLogin:
-        if not login_id or len(login_id) > 64:
+        if not login_id or len(login_id) > 64 or not LOGIN_ID.fullmatch(login_id):
             raise FlowError(
                 400,
                 "Sign-in request not found",

@@ -62,10 +62,27 @@ def validate_redirect_uri(uri: Any, application_type: str) -> str:
     return uri
 
 
+def _has_control_characters(value: Any, depth: int = 0) -> bool:
+    if depth > 8:
+        return True
+    if isinstance(value, str):
+        return not value.isprintable()
+    if isinstance(value, dict):
+        return any(
+            _has_control_characters(k, depth + 1) or _has_control_characters(v, depth + 1)
+            for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return any(_has_control_characters(v, depth + 1) for v in value)
+    return False
+
+
 def normalize_client_metadata(data: Any) -> dict[str, Any]:
     """The registration request, validated and reduced to what the broker supports."""
     if not isinstance(data, dict) or not data:
         raise InvalidClientMetadataError("The registration request must be a JSON object.")
+    if _has_control_characters(data):
+        raise InvalidClientMetadataError("Client metadata must not contain control characters.")
     app_type = data.get("application_type", "native")
     if app_type not in ("native", "web"):
         raise InvalidClientMetadataError("application_type must be native or web.")

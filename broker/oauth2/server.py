@@ -194,7 +194,7 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
     # -- storage ---------------------------------------------------------------------------
 
     def query_client(self, client_id: str) -> OAuthClient | None:
-        if not client_id or len(client_id) > 2048:
+        if not client_id or len(client_id) > 2048 or not client_id.isprintable():
             return None
         row = self.state().session.get(Client, client_id)
         if row is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, request
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
@@ -84,6 +84,14 @@ def init_app(app: Flask) -> None:
                 503, "temporarily_unavailable", "Try again shortly.", {"Retry-After": "5"}
             )
         return error_page(503, "Temporarily unavailable", "Please try again in a moment.")
+
+    @app.errorhandler(DataError)
+    def bad_data(exc: DataError) -> Response:
+        # Input the database cannot store (a NUL byte in PostgreSQL text): the client's fault.
+        log.info("refused input the database cannot store: %s", type(exc.orig).__name__)
+        if _is_api():
+            return json_error(400, "invalid_request", "The request contains invalid characters.")
+        return error_page(400, "Invalid request", "The request contains invalid characters.")
 
     @app.errorhandler(SQLAlchemyError)
     def database_error(exc: SQLAlchemyError) -> Response:
