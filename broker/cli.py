@@ -65,8 +65,9 @@ def check_config(ctx: click.Context) -> None:
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int) -> None:
     """Run the development server (use gunicorn in production)."""
-    app = _app(ctx)
-    app.run(host=host, port=port, threaded=True, use_reloader=False)
+    from .devserver import serve as run
+
+    run(_app(ctx), host, port)
 
 
 @main.command("demo")

@@ -153,9 +153,8 @@ def demo_settings(directory: Path, port: int, mcp_port: int) -> Any:
 
 
 def run_demo(directory: Path, *, port: int = 8000, mcp_port: int = 8001) -> None:
-    from werkzeug.serving import run_simple
-
     from . import create_app
+    from .devserver import serve
     from .db import Database
     from .migrate import upgrade
 
@@ -182,4 +181,4 @@ def run_demo(directory: Path, *, port: int = 8000, mcp_port: int = 8001) -> None
 """,
             flush=True,
         )
-        run_simple("127.0.0.1", port, app, threaded=True, use_reloader=False)
+        serve(app, "127.0.0.1", port)

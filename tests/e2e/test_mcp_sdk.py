@@ -72,9 +72,13 @@ def run_flow(
     provider: str = "local",
     url: str | None = None,
     storage: InMemoryTokenStorage | None = None,
+    username: str = "alice",
+    password: str = "alice-password",
 ) -> tuple[dict[str, Any], HeadlessBrowser, InMemoryTokenStorage]:
     redirect_uri = REDIRECT.format(port=free_port())
-    browser = HeadlessBrowser(redirect_prefix=redirect_uri, provider=provider)
+    browser = HeadlessBrowser(
+        redirect_prefix=redirect_uri, provider=provider, username=username, password=password
+    )
     storage = storage or InMemoryTokenStorage()
     target = url or stack.mcp_url
     oauth = sdk_provider(target, browser, storage, redirect_uri)
