@@ -154,8 +154,8 @@ def demo_settings(directory: Path, port: int, mcp_port: int) -> Any:
 
 def run_demo(directory: Path, *, port: int = 8000, mcp_port: int = 8001) -> None:
     from . import create_app
-    from .devserver import serve
     from .db import Database
+    from .devserver import serve
     from .migrate import upgrade
 
     settings = demo_settings(directory, port, mcp_port)
