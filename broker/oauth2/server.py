@@ -266,6 +266,17 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         expires = now + dt.timedelta(seconds=tokens.refresh_ttl)
         parent_hash = None
         if credential is not None:
+            # Successors kept for the grace window are not needed once it has passed.
+            grace = dt.timedelta(seconds=tokens.refresh_reuse_grace)
+            session.execute(
+                update(RefreshToken)
+                .where(
+                    RefreshToken.grant_id == grant.id,
+                    RefreshToken.successor_sealed.is_not(None),
+                    RefreshToken.used_at < now - grace,
+                )
+                .values(successor_sealed=None)
+            )
             parent_hash = credential.row.token_hash
             # An absolute lifetime belongs to the family, not to each rotation.
             expires = min(expires, credential.row.expires_at)

@@ -334,3 +334,40 @@ def test_token_endpoint_errors_are_json(client: FlaskClient, registered: dict[st
     assert unknown_client.status_code == 400 and unknown_client.json["error"] == "invalid_client"
     get = client.get("/token")
     assert get.status_code == 405 and get.json["error"] == "invalid_request"
+
+
+def test_state_is_returned_exactly_and_empty_scope_gets_entitled_scopes(
+    client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    # VS Code: base64 state with + / =, and an empty scope parameter.
+    state = "ab+cd/ef=="
+    code, verifier, result = _code(client, registered, state=state, scope="")
+    assert result["state"] == state
+    body = redeem(client, registered["client_id"], code, verifier).json
+    assert set(body["scope"].split()) == {"demo:read", "demo:write"}
+
+
+def test_grace_successors_are_dropped_after_the_window(make_app: Any) -> None:
+    from broker.models import RefreshToken
+
+    app = make_app(tokens={"refresh_reuse_grace": 0})
+    client = app.test_client()
+    registered = client.post(
+        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+    ).json
+    code, verifier, _ = _code(client, registered)
+    token = redeem(client, registered["client_id"], code, verifier).json["refresh_token"]
+    for _ in range(3):
+        token = client.post(
+            "/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": token,
+                "client_id": registered["client_id"],
+            },
+        ).json["refresh_token"]
+    with app.extensions["broker"].db.session() as session:
+        sealed = session.scalars(
+            select(RefreshToken).where(RefreshToken.successor_sealed.is_not(None))
+        ).all()
+    assert len(sealed) <= 1  # only the newest rotation may still hold its successor
