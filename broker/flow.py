@@ -105,6 +105,17 @@ def host_of(uri: str) -> str:
     return parts.netloc or f"{parts.scheme}:"
 
 
+def _check_browser(pending: PendingLogin, browser_hash: str | None) -> None:
+    """A sign-in finishes only in the browser that started it (login CSRF)."""
+    if not browser_hash or not secrets.compare_digest(pending.browser_hash, browser_hash):
+        raise FlowError(
+            400,
+            "Sign-in request from another browser",
+            "This sign-in request was started in another browser. "
+            "Start again from your application.",
+        )
+
+
 class AuthorizationFlow:
     def __init__(
         self, settings: Settings, server: BrokerAuthorizationServer, sealer: Sealer
@@ -169,13 +180,7 @@ class AuthorizationFlow:
                 "Sign-in request expired",
                 "This sign-in request has expired. Start again from your application.",
             )
-        if not browser_hash or not secrets.compare_digest(pending.browser_hash, browser_hash):
-            raise FlowError(
-                400,
-                "Sign-in request from another browser",
-                "This sign-in request was started in another browser. "
-                "Start again from your application.",
-            )
+        _check_browser(pending, browser_hash)
         if pending.completed_at is not None:
             raise FlowError(
                 400,
@@ -327,12 +332,7 @@ class AuthorizationFlow:
                 "Invalid sign-in response",
                 "This sign-in response does not match any request in progress.",
             )
-        if not browser_hash or not secrets.compare_digest(pending.browser_hash, browser_hash):
-            raise FlowError(
-                400,
-                "Sign-in request from another browser",
-                "This sign-in was started in another browser. Start again from your application.",
-            )
+        _check_browser(pending, browser_hash)
         now = utcnow()
         won = rows_affected(
             session,

@@ -14,21 +14,11 @@ from authlib.oauth2.rfc7009 import RevocationEndpoint
 
 from ..models import AuditEvent
 from .rfc6749 import CLIENT_AUTH_METHODS
-from .tokens import KnownToken, find_token, revoke_access_token
+from .tokens import KnownToken, OwnTokenLookup, revoke_access_token
 
 
-class TokenRevocation(RevocationEndpoint):  # type: ignore[misc]
+class TokenRevocation(OwnTokenLookup, RevocationEndpoint):  # type: ignore[misc]
     CLIENT_AUTH_METHODS = CLIENT_AUTH_METHODS
-
-    def query_token(self, token_string: str, token_type_hint: str | None) -> KnownToken | None:
-        server = self.server
-        return find_token(
-            server.state().session,
-            server.keys,
-            server.settings.issuer,
-            token_string,
-            token_type_hint,
-        )
 
     def authenticate_token(self, request: Any, client: Any) -> KnownToken | None:
         self.check_params(request, client)

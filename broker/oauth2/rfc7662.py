@@ -11,21 +11,11 @@ from typing import Any
 
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 
-from .tokens import KnownToken, find_token
+from .tokens import KnownToken, OwnTokenLookup
 
 
-class TokenIntrospection(IntrospectionEndpoint):  # type: ignore[misc]
+class TokenIntrospection(OwnTokenLookup, IntrospectionEndpoint):  # type: ignore[misc]
     CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
-
-    def query_token(self, token_string: str, token_type_hint: str | None) -> KnownToken | None:
-        server = self.server
-        return find_token(
-            server.state().session,
-            server.keys,
-            server.settings.issuer,
-            token_string,
-            token_type_hint,
-        )
 
     def check_permission(self, token: KnownToken, client: Any, request: Any) -> bool:
         return bool(token.client_id == client.get_client_id())

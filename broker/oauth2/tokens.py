@@ -124,3 +124,20 @@ def revoke_access_token(session: Session, known: KnownToken) -> None:
                 jti=jti, expires_at=dt.datetime.fromtimestamp(int(known.claims["exp"]), dt.UTC)
             )
         )
+
+
+class OwnTokenLookup:
+    """Mixin for Authlib's revocation and introspection endpoints: find a token this broker
+    issued (an access token JWT or a refresh token)."""
+
+    server: Any
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> KnownToken | None:
+        server = self.server
+        return find_token(
+            server.state().session,
+            server.keys,
+            server.settings.issuer,
+            token_string,
+            token_type_hint,
+        )

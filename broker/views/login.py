@@ -172,7 +172,6 @@ def form_login(provider: str) -> Response:
     if plugin is None or not isinstance(plugin, PasswordProvider):
         return error_page(404, "Not found", "There is no such sign-in method.")
     login_id = request.values.get("login", "")
-    error = None
     try:
         if request.method == "POST":
             if not csrf_ok("login", login_id, request.form.get("csrf")):
@@ -184,15 +183,13 @@ def form_login(provider: str) -> Response:
                 pending = b.flow.pending(session, login_id, browser_hash())
                 _check_approved(pending, provider)
                 if _failures(session, actor) >= MAX_FAILURES:
-                    return page(
-                        "login.html",
-                        status=429,
-                        login_id=login_id,
-                        provider=provider,
-                        display_name=plugin.display_name,
-                        username=username,
-                        csrf=csrf_token("login", login_id),
-                        error="Too many failed attempts. Wait a few minutes and try again.",
+                    return _login_page(
+                        plugin.display_name,
+                        provider,
+                        login_id,
+                        username,
+                        429,
+                        "Too many failed attempts. Wait a few minutes and try again.",
                     )
             try:
                 result = plugin.authenticate(username, password)
@@ -208,15 +205,13 @@ def form_login(provider: str) -> Response:
                             address=request.remote_addr,
                         )
                     )
-                return page(
-                    "login.html",
-                    status=400,
-                    login_id=login_id,
-                    provider=provider,
-                    display_name=plugin.display_name,
-                    username=username,
-                    csrf=csrf_token("login", login_id),
-                    error="Invalid username or password.",
+                return _login_page(
+                    plugin.display_name,
+                    provider,
+                    login_id,
+                    username,
+                    400,
+                    "Invalid username or password.",
                 )
             with b.db.session() as session:
                 pending = b.flow.pending(session, login_id, browser_hash())
@@ -232,14 +227,26 @@ def form_login(provider: str) -> Response:
             _check_approved(pending, provider)
     except FlowError as exc:
         return error_page(exc.status, exc.title, exc.message)
+    return _login_page(plugin.display_name, provider, login_id)
+
+
+def _login_page(
+    display_name: str,
+    provider: str,
+    login_id: str,
+    username: str = "",
+    status: int = 200,
+    error: str | None = None,
+) -> Response:
     return page(
         "login.html",
+        status=status,
         login_id=login_id,
         provider=provider,
-        error=error,
-        username="",
-        display_name=plugin.display_name,
+        display_name=display_name,
+        username=username,
         csrf=csrf_token("login", login_id),
+        error=error,
     )
 
 
