@@ -214,3 +214,72 @@ def test_callback_without_or_with_unknown_state(upstream: Callable[..., Upstream
         )
         assert http.get(f"{up.base}/callback/nope", params={"state": "x"}).status_code == 404
     assert up.count(PendingLogin) == 0
+
+
+def test_chooser_lists_the_allowed_providers_and_state_only_after_approval(
+    make_app: Callable[..., Flask], users_file: Any
+) -> None:
+    closed = free_port()
+    corp = {
+        "type": "oidc",
+        "issuer": f"http://127.0.0.1:{closed}",
+        "client_id": "b",
+        "client_secret": "s",
+        "display_name": "Corporate SSO",
+    }
+    app = make_app(providers={"local": {"users_file": str(users_file)}, "corp": corp})
+    client = app.test_client()
+    registered = client.post(
+        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+    ).json
+    _, challenge = pkce()
+    response = client.get(
+        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
+    )
+    consent = client.get(response.headers["Location"])
+    assert 'value="local"' in consent.text and 'value="corp"' in consent.text
+    assert "Corporate SSO" in consent.text
+    with app.extensions["broker"].db.session() as session:
+        pending = session.scalars(select(PendingLogin)).one()
+        # No upstream state exists before the user approved the client.
+        assert pending.upstream_state_hash is None and pending.approved_at is None
+    forged = client.post(
+        "/consent",
+        data={
+            "login": form_value(consent.text, "login"),
+            "csrf": form_value(consent.text, "csrf"),
+            "action": "approve",
+            "provider": "github",
+        },
+    )
+    assert forged.status_code == 400
+
+
+def test_resource_restricts_providers(make_app: Callable[..., Flask], users_file: Any) -> None:
+    corp = {"type": "oidc", "issuer": "http://127.0.0.1:1", "client_id": "b", "client_secret": "s"}
+    resources = [
+        {"uri": "http://127.0.0.1:8001/mcp", "scopes": {"demo:read": "Read"}, "providers": ["corp"]}
+    ]
+    app = make_app(
+        providers={"local": {"users_file": str(users_file)}, "corp": corp}, resources=resources
+    )
+    client = app.test_client()
+    registered = client.post(
+        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+    ).json
+    _, challenge = pkce()
+    response = client.get(
+        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
+    )
+    consent = client.get(response.headers["Location"])
+    assert 'value="corp"' in consent.text and 'value="local"' not in consent.text
+    refused = client.post(
+        "/consent",
+        data={
+            "login": form_value(consent.text, "login"),
+            "csrf": form_value(consent.text, "csrf"),
+            "action": "approve",
+            "provider": "local",
+        },
+    )
+    assert refused.status_code == 400
