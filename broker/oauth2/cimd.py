@@ -395,7 +395,7 @@ def resolve(host: str, port: int, timeout: float) -> list[IPAddress]:
     return addresses
 
 
-class _Deadline:
+class Deadline:
     def __init__(self, seconds: float) -> None:
         self.at = time.monotonic() + seconds
 
@@ -413,7 +413,7 @@ class _DeadlineStream(httpcore.NetworkStream):
     """A network stream whose every operation ends by the fetch's overall deadline, so that a
     server dripping bytes cannot stretch the fetch beyond ``timeout`` in total."""
 
-    def __init__(self, inner: httpcore.NetworkStream, deadline: _Deadline) -> None:
+    def __init__(self, inner: httpcore.NetworkStream, deadline: Deadline) -> None:
         self._inner = inner
         self._deadline = deadline
 
@@ -446,7 +446,7 @@ class _PinnedBackend(httpcore.NetworkBackend):
     (no DNS rebinding between the check and the connection). TLS still uses the host name: httpcore
     sends it as SNI and the SSL context verifies the certificate against it."""
 
-    def __init__(self, addresses: list[IPAddress], deadline: _Deadline) -> None:
+    def __init__(self, addresses: list[IPAddress], deadline: Deadline) -> None:
         self._addresses = addresses
         self._deadline = deadline
         self._tcp = httpcore.SyncBackend()
@@ -505,7 +505,7 @@ class PinnedTransport(httpx.BaseTransport):
     no retries, every operation bounded by the overall deadline."""
 
     def __init__(
-        self, ssl_context: ssl.SSLContext, addresses: list[IPAddress], deadline: _Deadline
+        self, ssl_context: ssl.SSLContext, addresses: list[IPAddress], deadline: Deadline
     ) -> None:
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context,
@@ -582,15 +582,16 @@ class DocumentFetcher:
         )
 
     def fetch(self, url: str) -> FetchedDocument:
-        """GET ``url``: 200 only, no redirects, a JSON media type, at most ``max_bytes``, all
-        within ``timeout`` seconds (name resolution included). Raises :class:`CIMDError`."""
+        """GET ``url``: every address the host resolves to must pass the special-use filter;
+        200 only, no redirects, a JSON media type, at most ``max_bytes``, all within ``timeout``
+        seconds (name resolution included). Raises :class:`CIMDError`."""
         if not isinstance(url, str) or not url.startswith("https://"):
             raise CIMDError("not_https", "not an https URL")
         problem = client_id_url_problem(url)
         if problem:
             raise CIMDError("invalid_client_id_url", f"the URL has {problem}")
         settings = self.settings
-        deadline = _Deadline(settings.timeout)
+        deadline = Deadline(settings.timeout)
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
         port = parts.port or 443
@@ -604,14 +605,16 @@ class DocumentFetcher:
             return self._get(url, PinnedTransport(context, addresses, deadline))
         except (httpx.TimeoutException, httpcore.TimeoutException):
             raise CIMDError("timeout", f"fetching from {host} timed out") from None
+        except (httpcore.ProtocolError, httpx.ProtocolError) as exc:
+            # The message may quote what the server sent: the class name only.
+            raise CIMDError("fetch_failed", f"{host}: {type(exc).__name__}") from None
         except (
             httpx.HTTPError,
             httpcore.NetworkError,
-            httpcore.ProtocolError,
             httpcore.UnsupportedProtocol,
             OSError,
-        ) as exc:
-            raise CIMDError("fetch_failed", f"fetching from {host}: {exc!r}"[:300]) from None
+        ) as exc:  # connection and TLS failures, described by the OS and the TLS library
+            raise CIMDError("fetch_failed", f"{host}: {type(exc).__name__}: {exc}"[:300]) from None
 
     def _get(self, url: str, transport: PinnedTransport) -> FetchedDocument:
         settings = self.settings
@@ -633,10 +636,10 @@ class DocumentFetcher:
                 },
             ) as response,
         ):
-            if response.status_code != 200:
-                raise CIMDError(
-                    "bad_status", f"status {response.status_code} (redirects are not followed)"
-                )
+            status = response.status_code
+            if status != 200:
+                redirect = " (redirects are never followed)" if 300 <= status < 400 else ""
+                raise CIMDError("bad_status", f"status {status}{redirect}")
             media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
             if not _JSON_MEDIA_TYPE.match(media_type):
                 raise CIMDError("not_json", f"content type {media_type[:60]!r}")

@@ -51,7 +51,7 @@ def server_metadata(settings: Settings) -> dict[str, Any]:
             ],
             "scopes_supported": ["offline_access"],
             "authorization_response_iss_parameter_supported": True,
-            "client_id_metadata_document_supported": True,
+            "client_id_metadata_document_supported": settings.client_metadata_documents.enabled,
         }
     )
     metadata.validate(metadata_classes=[IssMetadata])

@@ -83,3 +83,9 @@ def test_health_and_unknown_paths(client: FlaskClient) -> None:
     assert page.status_code == 404 and page.mimetype == "text/html"
     api = client.get("/.well-known/nowhere")
     assert api.status_code == 404 and api.json["error"] == "not_found"
+
+
+def test_cimd_support_follows_the_setting(make_app: Any) -> None:
+    app = make_app(client_metadata_documents={"enabled": False})
+    meta = app.test_client().get("/.well-known/oauth-authorization-server").json
+    assert meta["client_id_metadata_document_supported"] is False
