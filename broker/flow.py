@@ -258,7 +258,7 @@ class AuthorizationFlow:
         client = self.client(session, pending)
         resource = self.resource(pending)
         signed_in = None
-        if browser is not None:
+        if browser is not None and not self.forces_login(pending):
             identity = session.get(Identity, browser.identity_id)
             if identity is not None and identity.provider in provider_names:
                 snap = identity.snapshot
@@ -278,6 +278,12 @@ class AuthorizationFlow:
             "scopes": self.display_scopes(pending, resource),
             "signed_in": signed_in,
         }
+
+    @staticmethod
+    def forces_login(pending: PendingLogin) -> bool:
+        """``prompt=login`` (OIDC Core 3.1.2.1): sign in again, even with a broker session."""
+        prompts = " ".join(pending.request_params.get("prompt", [])).split()
+        return "login" in prompts
 
     # -- after approval --------------------------------------------------------------------
 
@@ -469,7 +475,22 @@ class AuthorizationFlow:
     ) -> str | Denied:
         """Apply policy, record consent, issue a grant and a code; the redirect to the client."""
         now = utcnow()
-        pending.completed_at = pending.completed_at or now
+        if pending.completed_at is None:
+            # Single use: of two parallel submissions for one sign-in, exactly one finishes.
+            claimed = rows_affected(
+                session,
+                update(PendingLogin)
+                .where(PendingLogin.id == pending.id, PendingLogin.completed_at.is_(None))
+                .values(completed_at=now),
+            )
+            if not claimed:
+                raise FlowError(
+                    400,
+                    "Sign-in request already used",
+                    "This sign-in request was already completed. Start again from your "
+                    "application.",
+                )
+            pending.completed_at = now
         pending.user_id = identity.user_id
         pending.identity_id = identity.id
         client = self.client(session, pending)

@@ -103,7 +103,12 @@ def consent_submit() -> Response:
                     from ..models import Identity
 
                     identity = session.get(Identity, browser.identity_id)
-                if browser is None or identity is None or identity.provider not in allowed:
+                if (
+                    browser is None
+                    or identity is None
+                    or identity.provider not in allowed
+                    or b.flow.forces_login(pending)
+                ):
                     return error_page(
                         400, "Session ended", "Your session has ended; sign in again."
                     )

@@ -371,3 +371,61 @@ def test_grace_successors_are_dropped_after_the_window(make_app: Any) -> None:
             select(RefreshToken).where(RefreshToken.successor_sealed.is_not(None))
         ).all()
     assert len(sealed) <= 1  # only the newest rotation may still hold its successor
+
+
+def test_prompt_login_asks_for_the_password_again(
+    client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    _code(client, registered)  # signed in, consent recorded
+    _, challenge = pkce()
+    params = authorize_params(registered["client_id"], challenge, prompt="login")
+    response = client.get("/authorize", query_string=params)
+    assert response.headers["Location"].startswith("/consent")
+    page = client.get(response.headers["Location"])
+    assert 'value="session"' not in page.text
+    login_id = query(response.headers["Location"])["login"]
+    from tests.support import form_value
+
+    refused = client.post(
+        "/consent",
+        data={
+            "login": login_id,
+            "csrf": form_value(page.text, "csrf"),
+            "action": "approve",
+            "provider": "session",
+        },
+    )
+    assert refused.status_code == 400
+
+
+def test_a_sign_in_finishes_once(app: Any, client: FlaskClient, registered: dict[str, Any]) -> None:
+    from tests.conftest import PASSWORDS
+    from tests.support import form_value
+
+    _, challenge = pkce()
+    response = client.get(
+        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
+    )
+    consent = client.get(response.headers["Location"])
+    login_id = form_value(consent.text, "login")
+    approved = client.post(
+        "/consent",
+        data={
+            "login": login_id,
+            "csrf": form_value(consent.text, "csrf"),
+            "action": "approve",
+            "provider": "local",
+        },
+    )
+    form = client.get(approved.headers["Location"])
+    data = {
+        "login": login_id,
+        "csrf": form_value(form.text, "csrf"),
+        "username": "alice",
+        "password": PASSWORDS["alice"],
+    }
+    first = client.post("/login/local", data=data)
+    assert first.status_code == 302 and "code=" in first.headers["Location"]
+    second = client.post("/login/local", data=data)
+    assert second.status_code == 400 and "Location" not in second.headers
+    assert _count(app, AuthorizationCode) == 1
