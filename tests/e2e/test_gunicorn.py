@@ -42,7 +42,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def gunicorn(env: dict[str, str], port: int, log: Path, workers: int = 2) -> Iterator[None]:
+def gunicorn(
+    env: dict[str, str], port: int, log: Path, workers: int = 2
+) -> Iterator[subprocess.Popen[str]]:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [
@@ -62,10 +64,11 @@ def gunicorn(env: dict[str, str], port: int, log: Path, workers: int = 2) -> Ite
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its own process group, so a test can kill it whole
         )
     try:
         _wait_ready(f"http://127.0.0.1:{port}/ready", proc, log)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -247,3 +250,90 @@ def test_two_instances_share_one_database(
         successors = {r.json()["refresh_token"] for r in answers}
         assert len(successors) == 1  # the grace window hands out the same successor
         assert first["refresh_token"] not in successors
+
+
+@pytest.mark.slow
+def test_a_login_started_on_a_killed_instance_finishes_on_another(
+    database_url: str, users_file: Path, tmp_path: Path
+) -> None:
+    """Nothing about a sign-in in progress lives in process memory: kill -9 the instance that
+    showed the consent page and the login form, and the other instance finishes the sign-in."""
+    import signal
+
+    from tests.conftest import PASSWORDS
+    from tests.support import authorize_params, form_value, pkce, query
+
+    port_a, port_b, mcp_port = free_port(), free_port(), free_port()
+    issuer = f"http://127.0.0.1:{port_a}"
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "issuer": issuer,
+                "secret_key": "k" * 48,
+                "database_url": database_url,
+                "providers": {"local": {"users_file": str(users_file)}},
+                "resources": resources(mcp_port, free_port()),
+            }
+        )
+    )
+    env = {**os.environ, "BROKER_CONFIG": str(config)}
+    subprocess.run(
+        [str(BIN / "broker"), "db", "upgrade"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    with (
+        gunicorn(env, port_a, tmp_path / "a.log", workers=1) as proc_a,
+        gunicorn(env, port_b, tmp_path / "b.log", workers=1),
+        httpx.Client(follow_redirects=False, timeout=15) as browser,
+    ):
+        a, b = issuer, f"http://127.0.0.1:{port_b}"
+        client = browser.post(
+            f"{a}/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+        ).json()
+        verifier, challenge = pkce()
+        params = authorize_params(
+            client["client_id"], challenge, resource=f"http://127.0.0.1:{mcp_port}/mcp"
+        )
+        consent_url = browser.get(f"{a}/authorize", params=params).headers["location"]
+        consent = browser.get(f"{a}{consent_url}")
+        login_id = form_value(consent.text, "login")
+        form_url = browser.post(
+            f"{a}/consent",
+            data={
+                "login": login_id,
+                "csrf": form_value(consent.text, "csrf"),
+                "action": "approve",
+                "provider": "local",
+            },
+        ).headers["location"]
+        form = browser.get(f"{a}{form_url}")
+        os.killpg(proc_a.pid, signal.SIGKILL)
+        proc_a.wait(10)
+        done = browser.post(
+            f"{b}/login/local",
+            data={
+                "login": login_id,
+                "csrf": form_value(form.text, "csrf"),
+                "username": "alice",
+                "password": PASSWORDS["alice"],
+            },
+        )
+        assert done.status_code == 302, done.text
+        result = query(done.headers["location"])
+        assert result["iss"] == issuer and result["state"] == params["state"]
+        token = browser.post(
+            f"{b}/token",
+            data={
+                "grant_type": "authorization_code",
+                "code": result["code"],
+                "client_id": client["client_id"],
+                "redirect_uri": params["redirect_uri"],
+                "code_verifier": verifier,
+            },
+        )
+        assert token.status_code == 200, token.text
