@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from authlib.common.urls import add_params_to_uri
-from authlib.oauth2 import OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidRequestError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 SESSION_TTL = dt.timedelta(hours=12)
 LOGIN_ID = re.compile(r"[A-Za-z0-9_-]+")
+MAX_STATE = 2048
+MAX_SCOPE = 2048
 IGNORED_SCOPES = {"offline_access", "openid", "profile", "email"}
 
 
@@ -138,11 +140,16 @@ class AuthorizationFlow:
         client = req.client
         data = req.payload.data
         prompt = set((data.get("prompt") or "").split())
+        problem = None
         if "none" in prompt and len(prompt) > 1:
-            raise OAuth2Error(
-                "prompt=none cannot be combined",
-                redirect_uri=req.validated_redirect_uri,
-                state=data.get("state"),
+            problem = "prompt=none cannot be combined with other values."
+        elif len(data.get("state") or "") > MAX_STATE:
+            problem = "The state parameter is too long."
+        elif len(data.get("scope") or "") > MAX_SCOPE:
+            problem = "The scope parameter is too long."
+        if problem:
+            raise InvalidRequestError(
+                problem, redirect_uri=req.validated_redirect_uri, state=data.get("state")
             )
         now = utcnow()
         pending = PendingLogin(

@@ -228,7 +228,10 @@ class AuditEvent(Base):
     """Who did what, when, from where: login, consent, issue, refresh, revoke, deny, register."""
 
     __tablename__ = "audit_events"
-    __table_args__ = (Index("ix_audit_events_type_actor_at", "type", "actor", "at"),)
+    __table_args__ = (
+        Index("ix_audit_events_type_actor_at", "type", "actor", "at"),
+        Index("ix_audit_events_type_address_at", "type", "address", "at"),
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True

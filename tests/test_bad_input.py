@@ -119,3 +119,14 @@ def test_control_characters_never_reach_the_database(client: FlaskClient) -> Non
         data={"grant_type": "refresh_token", "client_id": "a\u0000", "refresh_token": "b\u0000"},
     )
     assert token.status_code in (400, 401) and token.json["error"] == "invalid_client"
+
+
+def test_oversized_state_and_scope_and_combined_prompt(
+    client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    _, challenge = pkce()
+    for extra in ({"state": "s" * 3000}, {"scope": "a " * 1500}, {"prompt": "none consent"}):
+        params = authorize_params(registered["client_id"], challenge, **extra)
+        response = client.get("/authorize", query_string=params)
+        assert response.status_code == 302, extra
+        assert "error=invalid_request" in response.headers["Location"], extra

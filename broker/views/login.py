@@ -8,6 +8,7 @@ import logging
 
 from flask import Blueprint, redirect, request, url_for
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
 from providers.contract import CallbackRequest, FormLogin, LoginRequest, PasswordProvider
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("login", __name__)
 
 MAX_FAILURES = 5
+MAX_FAILURES_PER_ADDRESS = 20
 FAILURE_WINDOW = dt.timedelta(minutes=15)
 
 
@@ -154,19 +156,21 @@ def consent_submit() -> Response:
     return redirect(target)
 
 
-def _failures(session: object, actor: str) -> int:
+def _throttled(session: Session, actor: str, address: str | None) -> bool:
+    """Failed form logins in the last window, per user (guessing one password) and per address
+    (trying one password on many users); counted in the database, so every worker agrees."""
     since = utcnow() - FAILURE_WINDOW
-    stmt = (
+    failures = (
         select(func.count())
         .select_from(AuditEvent)
-        .where(
-            AuditEvent.type == "login",
-            AuditEvent.outcome == "failure",
-            AuditEvent.actor == actor,
-            AuditEvent.at > since,
-        )
+        .where(AuditEvent.type == "login", AuditEvent.outcome == "failure", AuditEvent.at > since)
     )
-    return int(session.execute(stmt).scalar_one())  # type: ignore[attr-defined]
+    if session.execute(failures.where(AuditEvent.actor == actor)).scalar_one() >= MAX_FAILURES:
+        return True
+    if address is None:
+        return False
+    per_address = failures.where(AuditEvent.address == address)
+    return int(session.execute(per_address).scalar_one()) >= MAX_FAILURES_PER_ADDRESS
 
 
 @bp.route("/login/<provider>", methods=["GET", "POST"])
@@ -187,7 +191,7 @@ def form_login(provider: str) -> Response:
             with b.db.session() as session:
                 pending = b.flow.pending(session, login_id, browser_hash())
                 _check_approved(pending, provider)
-                if _failures(session, actor) >= MAX_FAILURES:
+                if _throttled(session, actor, request.remote_addr):
                     return _login_page(
                         plugin.display_name,
                         provider,

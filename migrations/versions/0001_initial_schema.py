@@ -48,6 +48,9 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_audit_events_type_actor_at", ["type", "actor", "at"], unique=False
         )
+        batch_op.create_index(
+            "ix_audit_events_type_address_at", ["type", "address", "at"], unique=False
+        )
 
     op.create_table(
         "clients",
@@ -367,6 +370,7 @@ def downgrade() -> None:
 
     op.drop_table("clients")
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_audit_events_type_address_at")
         batch_op.drop_index("ix_audit_events_type_actor_at")
         batch_op.drop_index(batch_op.f("ix_audit_events_at"))
 
