@@ -88,6 +88,26 @@ def demo(directory: str, port: int, mcp_port: int) -> None:
     run_demo(Path(directory), port=port, mcp_port=mcp_port)
 
 
+@main.command("purge")
+@click.option(
+    "--audit-days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also delete audit events older than this many days (default: keep all).",
+)
+@click.pass_context
+def purge_cmd(ctx: click.Context, audit_days: int | None) -> None:
+    """Delete expired sign-ins, codes, tokens, sessions, grants and unused registrations."""
+    from .purge import purge
+
+    settings = _settings(ctx)
+    with _database(ctx) as database, database.session() as session:
+        result = purge(session, access_ttl=settings.tokens.access_ttl, audit_days=audit_days)
+    for name, count in sorted(result.counts.items()):
+        click.echo(f"{name:22} {count}")
+    click.echo(f"{'total':22} {result.total()}")
+
+
 @main.command("hash-password")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def hash_password_cmd(password_stdin: bool) -> None:
