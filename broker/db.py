@@ -28,6 +28,9 @@ NAMING_CONVENTION = {
 }
 
 
+READ_ONLY = "broker_read_only"
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -75,6 +78,17 @@ class Database:
         with self.sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reads only: on SQLite it does not take the write lock, so reading the
+        JWKS never waits behind token requests."""
+        with self.sessions() as session:
+            session.connection(execution_options={READ_ONLY: True})
+            try:
+                yield session
+            finally:
+                session.rollback()
+
     def dispose(self) -> None:
         self.engine.dispose()
 
@@ -106,7 +120,11 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection: Any) -> None:
         # IMMEDIATE takes the write lock up front: two workers never both read a row as unused
         # and then race to upgrade to a write lock (which SQLite answers with an instant BUSY).
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Sessions that only read (Database.read) start a deferred transaction instead.
+        if connection.get_execution_options().get(READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def rows_affected(session: Session, statement: Any) -> int:

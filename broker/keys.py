@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from .crypto import Sealer
 from .db import utcnow
 from .models import SigningKey
 
+ACTIVE_KEY_RECHECK = 30.0
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
@@ -69,6 +71,7 @@ class KeyRing:
         self.alg = alg
         self._loaded: dict[str, LoadedKey] = {}
         self._lock = threading.Lock()
+        self._active: tuple[LoadedKey, float] | None = None
 
     def create(
         self, session: Session, *, alg: str | None = None, state: str = "active"
@@ -108,8 +111,17 @@ class KeyRing:
         return row
 
     def active(self, session: Session) -> LoadedKey:
-        row = self.ensure_active(session)
-        return self._load(row)
+        """The key that signs now. Which key is active is re-read from the database at most every
+        ``ACTIVE_KEY_RECHECK`` seconds: a key is published in the JWKS well before it becomes
+        active and stays published after, so a worker signing with the previous active key for a
+        few seconds after a rotation issues tokens that still verify everywhere."""
+        now = time.monotonic()
+        cached = self._active
+        if cached is not None and now - cached[1] < ACTIVE_KEY_RECHECK:
+            return cached[0]
+        loaded = self._load(self.ensure_active(session))
+        self._active = (loaded, now)
+        return loaded
 
     def _load(self, row: SigningKey) -> LoadedKey:
         with self._lock:

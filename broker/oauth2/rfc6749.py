@@ -71,12 +71,12 @@ class RefreshCredential:
 
 
 def _live_grant(session: Any, grant_id: str) -> Grant | None:
-    grant: Grant | None = session.get(Grant, grant_id)
-    if grant is None or grant.revoked_at is not None:
-        return None
-    user = session.get(User, grant.user_id)
-    if user is None or user.disabled_at is not None:
-        return None
+    """The grant, if neither it is revoked nor its user disabled (one query)."""
+    grant: Grant | None = session.scalars(
+        select(Grant)
+        .join(User, User.id == Grant.user_id)
+        .where(Grant.id == grant_id, Grant.revoked_at.is_(None), User.disabled_at.is_(None))
+    ).first()
     return grant
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 from authlib.oauth2.rfc6749 import AuthorizationServer, JsonRequest, OAuth2Request
 from authlib.oauth2.rfc6749.requests import JsonPayload, OAuth2Payload
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 from werkzeug.wrappers import Request, Response
@@ -56,6 +56,8 @@ class RequestState:
     def revoke_grant(self, grant_id: str, reason: str) -> None:
         self.revocations.append((grant_id, reason))
 
+
+USE_RECORDED = dt.timedelta(hours=1)
 
 _state: contextvars.ContextVar[RequestState] = contextvars.ContextVar("broker_oauth_state")
 
@@ -206,7 +208,19 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
                 return None
             return OAuthClient(row)
         if row.expires_at is not None and row.expires_at <= utcnow():
-            return None
+            # Only an unused registration expires: a client whose user granted it access keeps
+            # working as long as that grant lives (its refresh tokens may outlive the TTL).
+            live = (
+                self.state()
+                .session.scalars(
+                    select(Grant.id)
+                    .where(Grant.client_id == row.client_id, Grant.revoked_at.is_(None))
+                    .limit(1)
+                )
+                .first()
+            )
+            if live is None:
+                return None
         return OAuthClient(row)
 
     def generate_token(
@@ -250,10 +264,18 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         now = utcnow()
         client = request.client
         row = session.get(Client, client.get_client_id())
-        if row is not None:
+        # Record use at most hourly: a client shared by many users (a metadata document) would
+        # otherwise be one hot row that every token request of every user updates. A registration
+        # is extended before half of its lifetime is gone, so a used one never expires.
+        ttl = dt.timedelta(seconds=self.settings.registration_ttl)
+        if row is not None and (
+            row.last_used_at is None
+            or now - row.last_used_at > USE_RECORDED
+            or (row.kind == "dcr" and row.expires_at is not None and row.expires_at - now < ttl / 2)
+        ):
             row.last_used_at = now
             if row.kind == "dcr":  # an unused registration expires; a used one lives on
-                row.expires_at = now + dt.timedelta(seconds=self.settings.registration_ttl)
+                row.expires_at = now + ttl
         plaintext = token.get("refresh_token")
         credential: RefreshCredential | None = getattr(request, "refresh_token", None)
         if credential is not None and credential.grace_successor is not None:
@@ -266,17 +288,14 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         expires = now + dt.timedelta(seconds=tokens.refresh_ttl)
         parent_hash = None
         if credential is not None:
-            # Successors kept for the grace window are not needed once it has passed.
-            grace = dt.timedelta(seconds=tokens.refresh_reuse_grace)
-            session.execute(
-                update(RefreshToken)
-                .where(
-                    RefreshToken.grant_id == grant.id,
-                    RefreshToken.successor_sealed.is_not(None),
-                    RefreshToken.used_at < now - grace,
+            # The successor the grandparent kept for its grace window is dead once its child
+            # (this credential) is used: a replay of the grandparent can no longer get anything.
+            if credential.row.parent_hash:
+                session.execute(
+                    update(RefreshToken)
+                    .where(RefreshToken.token_hash == credential.row.parent_hash)
+                    .values(successor_sealed=None)
                 )
-                .values(successor_sealed=None)
-            )
             parent_hash = credential.row.token_hash
             # An absolute lifetime belongs to the family, not to each rotation.
             expires = min(expires, credential.row.expires_at)

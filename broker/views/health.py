@@ -25,7 +25,7 @@ def ready() -> Response:
     """The database answers and the schema is current."""
     b = broker()
     try:
-        with b.db.session() as session:
+        with b.db.read() as session:
             session.execute(text("SELECT 1"))
     except SQLAlchemyError:
         return Response(

@@ -38,7 +38,7 @@ def _register_metadata_routes(state: object) -> None:
 def jwks() -> Response:
     """The public signing keys (next, active and recently retired)."""
     b = broker()
-    with b.db.session() as session:
+    with b.db.read() as session:
         body = b.keys.jwks(session)
     # Short enough that a rotation's next key is seen well before it signs anything.
     return _json(body, 300)

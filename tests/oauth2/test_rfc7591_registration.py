@@ -188,3 +188,45 @@ def test_non_json_oversized_and_wrong_methods(client: FlaskClient) -> None:
     )
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_an_expired_registration_with_a_live_grant_keeps_working(
+    app: Any, client: FlaskClient
+) -> None:
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from tests.support import authorize_params, pkce, query, redeem, sign_in_local
+
+    registered = client.post("/register", json={"redirect_uris": ["http://127.0.0.1/cb"]}).json
+    unused = client.post("/register", json={"redirect_uris": ["http://127.0.0.1/cb"]}).json
+    verifier, challenge = pkce()
+    params = authorize_params(
+        registered["client_id"], challenge, redirect_uri="http://127.0.0.1:5555/cb"
+    )
+    code = query(sign_in_local(client, params).headers["Location"])["code"]
+    tokens = redeem(
+        client, registered["client_id"], code, verifier, redirect_uri="http://127.0.0.1:5555/cb"
+    ).json
+    with app.extensions["broker"].db.session() as session:
+        session.execute(
+            update(Client).values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        )
+    refreshed = client.post(
+        "/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "client_id": registered["client_id"],
+        },
+    )
+    assert refreshed.status_code == 200
+    _, challenge = pkce()
+    gone = client.get(
+        "/authorize",
+        query_string=authorize_params(
+            unused["client_id"], challenge, redirect_uri="http://127.0.0.1:5555/cb"
+        ),
+    )
+    assert gone.status_code == 400  # unused and expired: unknown
