@@ -23,6 +23,7 @@ from .oauth2.rfc7591 import ClientRegistration
 from .oauth2.rfc7662 import TokenIntrospection
 from .oauth2.server import BrokerAuthorizationServer
 from .plugins import ProviderRegistry, plugin_manager
+from .throttle import LoginThrottle, redis_client
 
 __all__ = ["Broker", "create_app"]
 
@@ -42,6 +43,7 @@ class Broker:
     providers: ProviderRegistry
     http: httpx.Client
     cimd: ClientMetadataDocuments
+    throttle: LoginThrottle
 
 
 def create_app(
@@ -109,6 +111,10 @@ def create_app(
         providers,
         http,
         ClientMetadataDocuments(settings, db),
+        LoginThrottle(
+            redis_client(settings.redis_url) if settings.redis_url else None,
+            prefix=settings.redis_prefix,
+        ),
     )
 
     from .views import init_app as init_views

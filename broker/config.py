@@ -86,6 +86,7 @@ class Settings:
     instance_path: str
     base_dir: str
     redis_url: str | None = None
+    redis_prefix: str = "broker:"
     trust_proxy: bool = False
     tokens: TokenSettings = field(default_factory=TokenSettings)
     providers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -356,6 +357,7 @@ TOP_LEVEL = {
     "database_url",
     "secret_key",
     "redis_url",
+    "redis_prefix",
     "trust_proxy",
     "tokens",
     "providers",
@@ -487,13 +489,18 @@ def parse(
         ca_file=reader.string(cimd_raw, "ca_file", "client_metadata_documents"),
     )
 
+    redis_url = reader.string(data, "redis_url", "")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("redis_url: must be a redis://, rediss:// or unix:// URL")
+
     return_settings = Settings(
         issuer=issuer,
         secret_key=secret_key,
         database_url=database_url,
         instance_path=instance_path,
         base_dir=base_dir,
-        redis_url=reader.string(data, "redis_url", ""),
+        redis_url=redis_url,
+        redis_prefix=reader.string(data, "redis_prefix", "", default="broker:") or "broker:",
         trust_proxy=reader.boolean(data, "trust_proxy", "", False),
         tokens=tokens,
         providers=providers,

@@ -3,12 +3,9 @@ callback."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 from flask import Blueprint, redirect, request, url_for
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
 from providers.contract import CallbackRequest, FormLogin, LoginRequest, PasswordProvider
@@ -33,10 +30,6 @@ from .oauth import denied_page
 
 log = logging.getLogger(__name__)
 bp = Blueprint("login", __name__)
-
-MAX_FAILURES = 5
-MAX_FAILURES_PER_ADDRESS = 20
-FAILURE_WINDOW = dt.timedelta(minutes=15)
 
 
 def _csrf_failure() -> Response:
@@ -156,23 +149,6 @@ def consent_submit() -> Response:
     return redirect(target)
 
 
-def _throttled(session: Session, actor: str, address: str | None) -> bool:
-    """Failed form logins in the last window, per user (guessing one password) and per address
-    (trying one password on many users); counted in the database, so every worker agrees."""
-    since = utcnow() - FAILURE_WINDOW
-    failures = (
-        select(func.count())
-        .select_from(AuditEvent)
-        .where(AuditEvent.type == "login", AuditEvent.outcome == "failure", AuditEvent.at > since)
-    )
-    if session.execute(failures.where(AuditEvent.actor == actor)).scalar_one() >= MAX_FAILURES:
-        return True
-    if address is None:
-        return False
-    per_address = failures.where(AuditEvent.address == address)
-    return int(session.execute(per_address).scalar_one()) >= MAX_FAILURES_PER_ADDRESS
-
-
 @bp.route("/login/<provider>", methods=["GET", "POST"])
 def form_login(provider: str) -> Response:
     """The username and password form of a form-login provider (``local``)."""
@@ -191,7 +167,7 @@ def form_login(provider: str) -> Response:
             with b.db.session() as session:
                 pending = b.flow.pending(session, login_id, browser_hash())
                 _check_approved(pending, provider)
-                if _throttled(session, actor, request.remote_addr):
+                if b.throttle.blocked(session, actor, request.remote_addr):
                     return _login_page(
                         plugin.display_name,
                         provider,
@@ -203,6 +179,7 @@ def form_login(provider: str) -> Response:
             try:
                 result = plugin.authenticate(username, password)
             except LoginFailed:
+                b.throttle.record_failure(actor, request.remote_addr)
                 with b.db.session() as session:
                     session.add(
                         AuditEvent(
