@@ -127,3 +127,38 @@ def redeem(client: Any, client_id: str, code: str, verifier: str, **extra: str) 
     }
     data.update(extra)
     return client.post("/token", data={k: v for k, v in data.items() if v is not None})
+
+
+def open_consent(client: Any, client_id: str | None = None, **extra: str) -> Any:
+    """Register a public client (unless given), send /authorize and open the consent page with
+    the Flask test client; returns the consent page response."""
+    if client_id is None:
+        client_id = client.post(
+            "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+        ).json["client_id"]
+    _, challenge = pkce()
+    response = client.get(
+        "/authorize", query_string=authorize_params(client_id, challenge, **extra)
+    )
+    assert response.status_code == 302, response.text
+    return client.get(response.headers["Location"])
+
+
+def approve(client: Any, consent: Any, provider: str = "local") -> Any:
+    """Submit the consent page's approve form for ``provider``."""
+    return client.post(
+        "/consent",
+        data={
+            "login": form_value(consent.text, "login"),
+            "csrf": form_value(consent.text, "csrf"),
+            "action": "approve",
+            "provider": provider,
+        },
+    )
+
+
+def login_form(client: Any, client_id: str | None = None) -> tuple[str, str]:
+    """Get as far as the local login form; returns its (login id, csrf token)."""
+    consent = open_consent(client, client_id)
+    form = client.get(approve(client, consent).headers["Location"])
+    return form_value(consent.text, "login"), form_value(form.text, "csrf")

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 from providers.errors import ConfigError, LoginFailed
 from providers.local import LocalProvider, hash_password
-from tests.support import authorize_params, form_value, pkce
+from tests.support import login_form
 
 
 def _scrypt(password: str) -> str:
@@ -67,30 +67,10 @@ def test_config_errors(tmp_path: Path) -> None:
     assert "password_hash: required, an argon2 or scrypt hash" in info.value.problems[0]
 
 
-def _login_form(client: FlaskClient, registered: dict[str, Any]) -> tuple[str, str]:
-    _, challenge = pkce()
-    response = client.get(
-        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
-    )
-    consent = client.get(response.headers["Location"])
-    login_id = form_value(consent.text, "login")
-    approved = client.post(
-        "/consent",
-        data={
-            "login": login_id,
-            "csrf": form_value(consent.text, "csrf"),
-            "action": "approve",
-            "provider": "local",
-        },
-    )
-    form = client.get(approved.headers["Location"])
-    return login_id, form_value(form.text, "csrf")
-
-
 def test_failed_logins_are_throttled_per_user(
     client: FlaskClient, registered: dict[str, Any]
 ) -> None:
-    login_id, csrf = _login_form(client, registered)
+    login_id, csrf = login_form(client, registered["client_id"])
     data = {"login": login_id, "csrf": csrf, "username": "alice", "password": "wrong"}
     for _ in range(5):
         assert client.post("/login/local", data=data).status_code == 400
@@ -109,7 +89,7 @@ def test_failed_logins_are_throttled_per_user(
 def test_failed_logins_are_throttled_per_address(
     client: FlaskClient, registered: dict[str, Any]
 ) -> None:
-    login_id, csrf = _login_form(client, registered)
+    login_id, csrf = login_form(client, registered["client_id"])
     for i in range(20):
         data = {"login": login_id, "csrf": csrf, "username": f"user{i}", "password": "x"}
         assert client.post("/login/local", data=data).status_code == 400

@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 
 from tests.conftest import PASSWORDS
-from tests.support import authorize_params, form_value, free_port, pkce, unavailable
+from tests.support import free_port, login_form, unavailable
 
 REDIS_URL = os.environ.get("BROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -33,26 +33,8 @@ def redis_settings() -> dict[str, Any]:
 
 def _form(app: Flask) -> tuple[Any, str, str]:
     client = app.test_client()
-    registered = client.post(
-        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
-    ).json
-    _, challenge = pkce()
-    response = client.get(
-        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
-    )
-    consent = client.get(response.headers["Location"])
-    login_id = form_value(consent.text, "login")
-    approved = client.post(
-        "/consent",
-        data={
-            "login": login_id,
-            "csrf": form_value(consent.text, "csrf"),
-            "action": "approve",
-            "provider": "local",
-        },
-    )
-    form = client.get(approved.headers["Location"])
-    return client, login_id, form_value(form.text, "csrf")
+    login_id, csrf = login_form(client)
+    return client, login_id, csrf
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

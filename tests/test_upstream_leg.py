@@ -14,9 +14,11 @@ from sqlalchemy import func, select
 
 from broker.models import AuditEvent, AuthorizationCode, Grant, PendingLogin
 from tests.support import (
+    approve,
     authorize_params,
     form_value,
     free_port,
+    open_consent,
     pkce,
     query,
     serve_wsgi,
@@ -181,23 +183,7 @@ def test_unreachable_upstream_is_a_503_page(make_app: Callable[..., Flask]) -> N
         }
     )
     client = app.test_client()
-    registered = client.post(
-        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
-    ).json
-    _, challenge = pkce()
-    response = client.get(
-        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
-    )
-    consent = client.get(response.headers["Location"])
-    approved = client.post(
-        "/consent",
-        data={
-            "login": form_value(consent.text, "login"),
-            "csrf": form_value(consent.text, "csrf"),
-            "action": "approve",
-            "provider": "corp",
-        },
-    )
+    approved = approve(client, open_consent(client), "corp")
     assert approved.status_code == 503
     assert "Location" not in approved.headers
 
@@ -229,29 +215,14 @@ def test_chooser_lists_the_allowed_providers_and_state_only_after_approval(
     }
     app = make_app(providers={"local": {"users_file": str(users_file)}, "corp": corp})
     client = app.test_client()
-    registered = client.post(
-        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
-    ).json
-    _, challenge = pkce()
-    response = client.get(
-        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
-    )
-    consent = client.get(response.headers["Location"])
+    consent = open_consent(client)
     assert 'value="local"' in consent.text and 'value="corp"' in consent.text
     assert "Corporate SSO" in consent.text
     with app.extensions["broker"].db.session() as session:
         pending = session.scalars(select(PendingLogin)).one()
         # No upstream state exists before the user approved the client.
         assert pending.upstream_state_hash is None and pending.approved_at is None
-    forged = client.post(
-        "/consent",
-        data={
-            "login": form_value(consent.text, "login"),
-            "csrf": form_value(consent.text, "csrf"),
-            "action": "approve",
-            "provider": "github",
-        },
-    )
+    forged = approve(client, consent, "github")
     assert forged.status_code == 400
 
 
@@ -264,22 +235,6 @@ def test_resource_restricts_providers(make_app: Callable[..., Flask], users_file
         providers={"local": {"users_file": str(users_file)}, "corp": corp}, resources=resources
     )
     client = app.test_client()
-    registered = client.post(
-        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
-    ).json
-    _, challenge = pkce()
-    response = client.get(
-        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
-    )
-    consent = client.get(response.headers["Location"])
+    consent = open_consent(client)
     assert 'value="corp"' in consent.text and 'value="local"' not in consent.text
-    refused = client.post(
-        "/consent",
-        data={
-            "login": form_value(consent.text, "login"),
-            "csrf": form_value(consent.text, "csrf"),
-            "action": "approve",
-            "provider": "local",
-        },
-    )
-    assert refused.status_code == 400
+    assert approve(client, consent, "local").status_code == 400

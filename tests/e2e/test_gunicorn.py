@@ -78,6 +78,35 @@ def gunicorn(
             proc.wait(5)
 
 
+def configure(
+    tmp_path: Path, issuer: str, database_url: str, users_file: Path, mcp_port: int
+) -> dict[str, str]:
+    """Write broker.yaml and run ``broker db upgrade``, as an operator would; the environment
+    for gunicorn."""
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "issuer": issuer,
+                "secret_key": "s" * 48,
+                "database_url": database_url,
+                "providers": {"local": {"users_file": str(users_file)}},
+                "resources": resources(mcp_port, free_port()),
+            }
+        )
+    )
+    env = {**os.environ, "BROKER_CONFIG": str(config)}
+    subprocess.run(
+        [str(BIN / "broker"), "db", "upgrade"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return env
+
+
 @pytest.fixture
 def gunicorn_stack(
     database_url: str, users_file: Path, tmp_path: Path
@@ -155,27 +184,7 @@ def test_two_instances_share_one_database(
 
     port_a, port_b, mcp_port = free_port(), free_port(), free_port()
     issuer = f"http://127.0.0.1:{port_a}"
-    config = tmp_path / "broker.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "issuer": issuer,
-                "secret_key": "s" * 48,
-                "database_url": database_url,
-                "providers": {"local": {"users_file": str(users_file)}},
-                "resources": resources(mcp_port, free_port()),
-            }
-        )
-    )
-    env = {**os.environ, "BROKER_CONFIG": str(config)}
-    subprocess.run(
-        [str(BIN / "broker"), "db", "upgrade"],
-        env=env,
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    env = configure(tmp_path, issuer, database_url, users_file, mcp_port)
     with (
         gunicorn(env, port_a, tmp_path / "a.log", workers=1),
         gunicorn(env, port_b, tmp_path / "b.log", workers=1),
@@ -265,27 +274,7 @@ def test_a_login_started_on_a_killed_instance_finishes_on_another(
 
     port_a, port_b, mcp_port = free_port(), free_port(), free_port()
     issuer = f"http://127.0.0.1:{port_a}"
-    config = tmp_path / "broker.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "issuer": issuer,
-                "secret_key": "k" * 48,
-                "database_url": database_url,
-                "providers": {"local": {"users_file": str(users_file)}},
-                "resources": resources(mcp_port, free_port()),
-            }
-        )
-    )
-    env = {**os.environ, "BROKER_CONFIG": str(config)}
-    subprocess.run(
-        [str(BIN / "broker"), "db", "upgrade"],
-        env=env,
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    env = configure(tmp_path, issuer, database_url, users_file, mcp_port)
     with (
         gunicorn(env, port_a, tmp_path / "a.log", workers=1) as proc_a,
         gunicorn(env, port_b, tmp_path / "b.log", workers=1),

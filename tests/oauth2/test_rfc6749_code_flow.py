@@ -400,27 +400,12 @@ def test_prompt_login_asks_for_the_password_again(
 
 def test_a_sign_in_finishes_once(app: Any, client: FlaskClient, registered: dict[str, Any]) -> None:
     from tests.conftest import PASSWORDS
-    from tests.support import form_value
+    from tests.support import login_form
 
-    _, challenge = pkce()
-    response = client.get(
-        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
-    )
-    consent = client.get(response.headers["Location"])
-    login_id = form_value(consent.text, "login")
-    approved = client.post(
-        "/consent",
-        data={
-            "login": login_id,
-            "csrf": form_value(consent.text, "csrf"),
-            "action": "approve",
-            "provider": "local",
-        },
-    )
-    form = client.get(approved.headers["Location"])
+    login_id, csrf = login_form(client, registered["client_id"])
     data = {
         "login": login_id,
-        "csrf": form_value(form.text, "csrf"),
+        "csrf": csrf,
         "username": "alice",
         "password": PASSWORDS["alice"],
     }
