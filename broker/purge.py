@@ -52,15 +52,9 @@ def purge(
 
     run("pending_logins", delete(PendingLogin).where(PendingLogin.expires_at < now))
     run("authorization_codes", delete(AuthorizationCode).where(AuthorizationCode.expires_at < now))
-    run(
-        "refresh_tokens",
-        delete(RefreshToken).where(
-            or_(
-                RefreshToken.expires_at < now,
-                and_(RefreshToken.used_at.is_not(None), RefreshToken.idle_expires_at < now),
-            )
-        ),
-    )
+    # Rotated refresh tokens stay until their family's absolute expiry: they are what detects a
+    # stolen token replayed later (the replay revokes the grant, RFC 9700 section 4.14.2).
+    run("refresh_tokens", delete(RefreshToken).where(RefreshToken.expires_at < now))
     run("revoked_tokens", delete(RevokedToken).where(RevokedToken.expires_at < now))
     run(
         "browser_sessions",

@@ -109,3 +109,27 @@ def test_purge_command(tmp_path: Path, database_url: str, users_file: Path) -> N
     assert result.exit_code == 0, result.output
     assert "pending_logins" in result.output and "audit_events" in result.output
     assert "total" in result.output
+
+
+def test_rotated_tokens_are_kept_for_reuse_detection(make_app: Any) -> None:
+    app = make_app(tokens={"refresh_reuse_grace": 0})
+    client = app.test_client()
+    registered = client.post(
+        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+    ).json
+    verifier, challenge = pkce()
+    response = sign_in_local(client, authorize_params(registered["client_id"], challenge))
+    code = query(response.headers["Location"])["code"]
+    old = redeem(client, registered["client_id"], code, verifier).json["refresh_token"]
+    data = {"grant_type": "refresh_token", "client_id": registered["client_id"]}
+    new = client.post("/token", data={**data, "refresh_token": old}).json["refresh_token"]
+    broker = app.extensions["broker"]
+    # Past the rotated token's idle expiry, well within the family's absolute lifetime.
+    with broker.db.session() as session:
+        result = purge(session, access_ttl=3600, now=utcnow() + dt.timedelta(days=20))
+    assert result.counts["refresh_tokens"] == 0
+    # So a replay of the rotated token is still recognised, and revokes the family.
+    replay = client.post("/token", data={**data, "refresh_token": old})
+    assert replay.status_code == 400 and replay.json["error"] == "invalid_grant"
+    after = client.post("/token", data={**data, "refresh_token": new})
+    assert after.status_code == 400 and after.json["error"] == "invalid_grant"
