@@ -74,7 +74,7 @@ def create_app(
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
 
     pm = plugin_manager(extra=plugins)
-    providers = ProviderRegistry.from_config(pm, settings.providers, base_dir=settings.base_dir)
+    providers = ProviderRegistry.for_settings(pm, settings)
 
     db = Database(settings.database_url)
     if check_schema:

@@ -310,7 +310,9 @@ def _resources(raw: Any, reader: _Reader, problems: list[str]) -> tuple[Resource
     return tuple(result)
 
 
-RULE_CONDITIONS = {"provider", "email", "email_domain", "groups", "subject", "username", "roles"}
+FACT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+"""A rule condition names an identity fact; which facts exist is up to the providers (checked
+against them at start-up, :func:`broker.policy.check_rules`)."""
 
 
 def _rules(raw: Any, reader: _Reader, problems: list[str]) -> tuple[RuleSettings, ...]:
@@ -330,8 +332,8 @@ def _rules(raw: Any, reader: _Reader, problems: list[str]) -> tuple[RuleSettings
         when_raw = reader.mapping(data.get("when"), f"{path}.when")
         when: dict[str, tuple[str, ...]] = {}
         for key in when_raw:
-            if key not in RULE_CONDITIONS:
-                problems.append(f"{path}.when.{key}: unknown condition")
+            if not isinstance(key, str) or not FACT_NAME.match(key):
+                problems.append(f"{path}.when.{key}: not a fact name (lower-case letters, _)")
                 continue
             values = reader.strings(when_raw, key, f"{path}.when")
             if values is not None:

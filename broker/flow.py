@@ -397,15 +397,19 @@ class AuthorizationFlow:
 
     # -- finishing -------------------------------------------------------------------------
 
-    def link_identity(self, session: Session, result: LoginResult) -> Identity:
-        """The identity row for this upstream identity, creating the user on first sign-in."""
-        upstream: UpstreamIdentity = result.identity
-        now = utcnow()
-        row = session.scalars(
+    @staticmethod
+    def _identity_row(session: Session, upstream: UpstreamIdentity) -> Identity | None:
+        return session.scalars(
             select(Identity).where(
                 Identity.provider == upstream.provider, Identity.subject == upstream.subject
             )
         ).first()
+
+    def link_identity(self, session: Session, result: LoginResult) -> Identity:
+        """The identity row for this upstream identity, creating the user on first sign-in."""
+        upstream: UpstreamIdentity = result.identity
+        now = utcnow()
+        row = self._identity_row(session, upstream)
         if row is None:
             try:
                 with session.begin_nested():
@@ -471,6 +475,146 @@ class AuthorizationFlow:
         )
         return value
 
+    def complete_login(
+        self, session: Session, pending: PendingLogin, result: LoginResult, address: str | None
+    ) -> tuple[str | Denied, str | None]:
+        """After the upstream (or the form) said who the user is. Policy first: a refused
+        identity gets no user, broker session or stored upstream token (a known one gets its
+        facts refreshed, so later decisions read the current ones). Otherwise link the identity,
+        start a broker session and :meth:`finish`. Returns the outcome and the new session
+        cookie value (``None`` when refused)."""
+        upstream = result.identity
+        _, reason = self.entitlement(pending, self.resource(pending), upstream)
+        if reason is not None:
+            self._claim(session, pending)
+            known = self._identity_row(session, upstream)
+            if known is not None:
+                known.snapshot = upstream.snapshot()
+            return self._deny(
+                session,
+                pending,
+                reason,
+                provider=upstream.provider,
+                user_id=known.user_id if known else None,
+                address=address,
+            ), None
+        identity = self.link_identity(session, result)
+        session_value = self.new_browser_session(session, identity)
+        return self.finish(session, pending, identity, address), session_value
+
+    def entitlement(
+        self, pending: PendingLogin, resource: ResourceSettings, identity: UpstreamIdentity
+    ) -> tuple[list[str], str | None]:
+        """The scopes to grant for this request, or the reason to refuse it."""
+        decision = policy.decide(self.settings, resource, identity)
+        asked = [s for s in requested_scopes(pending.scope) if s not in IGNORED_SCOPES]
+        granted = [s for s in asked if s in decision.scopes] if asked else sorted(decision.scopes)
+        for s in resource.required_scopes:
+            if s in decision.scopes and s not in granted:
+                granted.append(s)
+        if decision.denied is not None:
+            return [], decision.denied
+        if resource.scopes and not decision.scopes:
+            if identity.email and not identity.email_verified and self._rules_read_email():
+                return [], (
+                    "Your email address is not verified with your identity provider, and "
+                    "access to this resource depends on it."
+                )
+            return [], "Your account is not entitled to any access to this resource."
+        if not set(resource.required_scopes) <= set(granted):
+            return [], "Your account is not entitled to the access this resource requires."
+        return granted, None
+
+    def _rules_read_email(self) -> bool:
+        return any({"email", "email_domain"} & set(rule.when) for rule in self.settings.rules)
+
+    def _claim(self, session: Session, pending: PendingLogin) -> None:
+        """Single use: of two parallel submissions for one sign-in, exactly one finishes."""
+        if pending.completed_at is not None:
+            return
+        now = utcnow()
+        claimed = rows_affected(
+            session,
+            update(PendingLogin)
+            .where(PendingLogin.id == pending.id, PendingLogin.completed_at.is_(None))
+            .values(completed_at=now),
+        )
+        if not claimed:
+            raise FlowError(
+                400,
+                "Sign-in request already used",
+                "This sign-in request was already completed. Start again from your application.",
+            )
+        pending.completed_at = now
+
+    def _deny(
+        self,
+        session: Session,
+        pending: PendingLogin,
+        reason: str,
+        *,
+        provider: str | None,
+        user_id: str | None,
+        address: str | None,
+    ) -> Denied:
+        client = self.client(session, pending)
+        session.add(
+            AuditEvent(
+                type="deny",
+                outcome="denied",
+                user_id=user_id,
+                client_id=client.client_id,
+                resource=pending.resource,
+                provider=provider,
+                reason=reason[:255],
+                address=address,
+            )
+        )
+        return Denied(
+            reason,
+            error_redirect(
+                self.settings,
+                pending.redirect_uri,
+                "access_denied",
+                "Access denied by policy.",
+                pending.state,
+            ),
+            client.name,
+        )
+
+    def provider_refused(
+        self,
+        session: Session,
+        pending: PendingLogin,
+        reason: str,
+        message: str,
+        address: str | None,
+    ) -> Denied:
+        """The provider's own restrictions refused the identity (organisation, domain, site):
+        a page that says so, and ``access_denied`` for the client; nothing stored."""
+        session.add(
+            AuditEvent(
+                type="login",
+                outcome="denied",
+                client_id=pending.client_id,
+                resource=pending.resource,
+                provider=pending.provider,
+                reason=reason[:255],
+                address=address,
+            )
+        )
+        return Denied(
+            message,
+            error_redirect(
+                self.settings,
+                pending.redirect_uri,
+                "access_denied",
+                "The identity provider account is not allowed.",
+                pending.state,
+            ),
+            self.client(session, pending).name,
+        )
+
     def finish(
         self,
         session: Session,
@@ -482,58 +626,22 @@ class AuthorizationFlow:
     ) -> str | Denied:
         """Apply policy, record consent, issue a grant and a code; the redirect to the client."""
         now = utcnow()
-        if pending.completed_at is None:
-            # Single use: of two parallel submissions for one sign-in, exactly one finishes.
-            claimed = rows_affected(
-                session,
-                update(PendingLogin)
-                .where(PendingLogin.id == pending.id, PendingLogin.completed_at.is_(None))
-                .values(completed_at=now),
-            )
-            if not claimed:
-                raise FlowError(
-                    400,
-                    "Sign-in request already used",
-                    "This sign-in request was already completed. Start again from your "
-                    "application.",
-                )
-            pending.completed_at = now
+        self._claim(session, pending)
         pending.user_id = identity.user_id
         pending.identity_id = identity.id
         client = self.client(session, pending)
         resource = self.resource(pending)
-        decision = policy.decide(self.settings, resource, identity.snapshot)
-        asked = [s for s in requested_scopes(pending.scope) if s not in IGNORED_SCOPES]
-        granted = [s for s in asked if s in decision.scopes] if asked else sorted(decision.scopes)
-        for s in resource.required_scopes:
-            if s in decision.scopes and s not in granted:
-                granted.append(s)
-        reason = decision.denied
-        if reason is None and not set(resource.required_scopes) <= set(granted):
-            reason = "Your account is not entitled to the access this resource requires."
+        granted, reason = self.entitlement(
+            pending, resource, UpstreamIdentity.from_snapshot(identity.snapshot)
+        )
         if reason is not None:
-            session.add(
-                AuditEvent(
-                    type="deny",
-                    outcome="denied",
-                    user_id=identity.user_id,
-                    client_id=client.client_id,
-                    resource=resource.uri,
-                    provider=identity.provider,
-                    reason=reason[:255],
-                    address=address,
-                )
-            )
-            return Denied(
+            return self._deny(
+                session,
+                pending,
                 reason,
-                error_redirect(
-                    self.settings,
-                    pending.redirect_uri,
-                    "access_denied",
-                    "Access denied by policy.",
-                    pending.state,
-                ),
-                client.name,
+                provider=identity.provider,
+                user_id=identity.user_id,
+                address=address,
             )
         self._record_consent(
             session,

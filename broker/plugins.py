@@ -9,10 +9,18 @@ from typing import Any
 import pluggy
 
 from providers import BUILTIN_PLUGINS, hookspecs
-from providers.contract import Provider, ProviderType
+from providers.contract import (
+    PasswordLogin,
+    Provider,
+    ProviderType,
+    RedirectLogin,
+    RequirementsAware,
+    provider_facts,
+)
 from providers.errors import ConfigError as ProviderConfigError
 
-from .config import ConfigError
+from . import policy
+from .config import ConfigError, Settings
 
 ENTRY_POINT_GROUP = "broker.providers"
 
@@ -76,12 +84,37 @@ class ProviderRegistry:
                 )
                 continue
             try:
-                providers[name] = ptype.from_config(name, conf, base_dir=base_dir)
+                provider = ptype.from_config(name, conf, base_dir=base_dir)
             except ProviderConfigError as exc:
                 problems.extend(f"providers.{name}.{p}" for p in exc.problems)
+                continue
+            if not isinstance(provider, RedirectLogin | PasswordLogin):
+                problems.append(
+                    f"providers.{name}: provider type {type_name!r} offers neither a redirect "
+                    "login (login_url, handle_callback) nor a password login (authenticate)"
+                )
+                continue
+            providers[name] = provider
         if problems:
             raise ConfigError(problems)
         return cls(providers)
+
+    @classmethod
+    def for_settings(cls, pm: pluggy.PluginManager, settings: Settings) -> ProviderRegistry:
+        """The providers of ``settings``, with the rules checked against the facts they declare
+        and each provider told what the configuration needs of it."""
+        registry = cls.from_config(pm, settings.providers, base_dir=settings.base_dir)
+        facts = {name: provider_facts(provider) for name, provider in registry.items()}
+        problems = policy.check_rules(settings, facts)
+        if problems:
+            raise ConfigError(problems)
+        for name, provider in registry.items():
+            if isinstance(provider, RequirementsAware):
+                provider.apply_requirements(policy.requirements(settings, name, facts[name]))
+        return registry
+
+    def items(self) -> Iterator[tuple[str, Provider]]:
+        return iter(self._providers.items())
 
     def __getitem__(self, name: str) -> Provider:
         return self._providers[name]

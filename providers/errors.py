@@ -23,12 +23,15 @@ class ConfigError(ProviderError):
 class LoginFailed(ProviderError):
     """The upstream login did not produce an identity: the user cancelled, the upstream answered an
     error, a check (state, nonce, signature) failed. ``reason`` is a short fixed code for the audit
-    log and the error page; the message may hold detail for the operator's log only."""
+    log; ``detail`` is for the operator's log only (what was asked, where, why); ``message`` is an
+    optional sentence for the person signing in, written by the provider's author (never upstream
+    text)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, message: str | None = None) -> None:
         super().__init__(detail or reason)
         self.reason = reason
         self.detail = detail
+        self.message = message
 
 
 class AccessDenied(LoginFailed):

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from .contract import FormLogin, Identity, LoginRequest, LoginResult
+from .contract import Identity, LoginResult
 from .errors import ConfigError, LoginFailed
 from .hookspecs import hookimpl
 
@@ -121,9 +120,11 @@ def load_users(path: Path) -> dict[str, LocalUser]:
 
 
 class LocalProvider:
-    """Users from a file; the file is re-read when it changes."""
+    """Users from a file, signed in on the broker's own form (``PasswordLogin``); the file is
+    re-read when it changes."""
 
     type_name = "local"
+    facts = frozenset({"groups"})
 
     def __init__(self, name: str, users_file: Path, display_name: str) -> None:
         self.name = name
@@ -160,12 +161,6 @@ class LocalProvider:
             except (OSError, ConfigError):
                 pass  # keep the last good file; the operator sees the problem at next start
             return self._users
-
-    def login_url(self, request: LoginRequest, http: httpx.Client) -> FormLogin:
-        return FormLogin()
-
-    def handle_callback(self, request: Any, http: httpx.Client) -> LoginResult:
-        raise LoginFailed("not_supported", "the local provider has no upstream callback")
 
     def authenticate(self, username: str, password: str) -> LoginResult:
         user = self._current_users().get(username)

@@ -3,7 +3,8 @@
 The IdP is a real, certified OpenID Connect server in a Node process. ``start_idp`` runs it on a
 free loopback port and yields where it listens; ``idp_or_skip`` turns a machine without Node (or
 without ``npm install --prefix tests/idp``) into a pytest skip, or into a failure when
-``BROKER_TEST_REQUIRE_ALL=1`` (CI).
+``BROKER_TEST_REQUIRE_ALL=1`` (CI). :class:`FakeOP` is a hand-written OP on pytest-httpserver for
+what a certified OP never sends.
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urljoin, urlsplit
 
 import httpx
+import jwt
+from werkzeug import Request, Response
 
-from providers.contract import CallbackRequest, LoginRequest, Provider
+from providers.contract import CallbackRequest, LoginRequest, LoginResult, RedirectLogin
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from pytest_httpserver import HTTPServer
 
 IDP_DIR = Path(__file__).resolve().parent / "idp"
 SERVER_SCRIPT = IDP_DIR / "server.mjs"
@@ -45,6 +52,25 @@ DEFAULT_CLIENTS: list[dict[str, Any]] = [
         "token_endpoint_auth_method": "client_secret_post",
     },
 ]
+
+HOSTED_DOMAIN_ACCOUNTS: dict[str, dict[str, Any]] = {
+    "dana": {
+        "sub": "108234567890-dana",
+        "name": "Dana Diaz",
+        "email": "dana@example.com",
+        "email_verified": True,
+        "hd": "example.com",
+    },
+    "erin": {
+        "sub": "108234567891-erin",
+        "name": "Erin Evans",
+        "email": "erin@other.example",
+        "email_verified": True,
+        "hd": "other.example",
+    },
+}
+"""Google Workspace accounts (an ``hd`` claim) for ``start_idp(accounts=...)``; the built-in
+alice, bob and carol have none, like consumer accounts."""
 
 
 class IdPUnavailable(RuntimeError):
@@ -237,7 +263,7 @@ def new_login_request(login_hint: str | None = None) -> LoginRequest:
 
 
 def upstream_login(
-    provider: Provider, http: httpx.Client, login_hint: str | None = None
+    provider: RedirectLogin, http: httpx.Client, login_hint: str | None = None
 ) -> UpstreamLogin:
     """The broker asks ``provider`` for the login URL and the browser follows it through the IdP
     (login and consent happen on their own) to the redirect_uri."""
@@ -247,3 +273,122 @@ def upstream_login(
     params = browse_to_redirect_uri(url)
     assert params.get("state") == request.state
     return UpstreamLogin(request=request, url=url, params=params)
+
+
+# -- a hand-written OP, for what a certified one never sends ------------------------------------
+
+FAKE_OP_ROUTES = {
+    "authorization": "/authorize",
+    "token": "/token",
+    "jwks": "/jwks",
+    "userinfo": "/userinfo",
+}
+FAKE_KEYCLOAK_ROUTES = {
+    "authorization": "/protocol/openid-connect/auth",
+    "token": "/protocol/openid-connect/token",
+    "jwks": "/protocol/openid-connect/certs",
+    "userinfo": "/protocol/openid-connect/userinfo",
+}
+
+
+class FakeOP:
+    """Discovery, JWKS, token and UserInfo endpoints on pytest-httpserver, answering exactly what
+    a test sets: HS256 or unsigned ID Tokens, foreign audiences, a lying UserInfo, Keycloak's JWT
+    access tokens, Google's issuer.
+
+    ``prefix`` is the path the endpoints live under (``routes`` below it); ``issuer`` is what
+    discovery and tokens name (default: the URL of ``prefix``). The token endpoint answers both
+    grants with ``access_token`` and ``id_token`` (plus ``token_extra``).
+    """
+
+    def __init__(
+        self,
+        server: HTTPServer,
+        keys: tuple[rsa.RSAPrivateKey, rsa.RSAPrivateKey],
+        *,
+        prefix: str = "/op",
+        routes: Mapping[str, str] = FAKE_OP_ROUTES,
+        issuer: str | None = None,
+    ) -> None:
+        self.server = server
+        self.base = server.url_for(prefix)
+        self.issuer = issuer or self.base
+        self.key, self.other_key = keys
+        self.jwks_answers: list[list[dict[str, Any]]] = [[self.jwk(self.key, "k1")]]
+        self.jwks_requests = 0
+        self.discovery: dict[str, Any] = {
+            "issuer": self.issuer,
+            "authorization_endpoint": self.base + routes["authorization"],
+            "token_endpoint": self.base + routes["token"],
+            "jwks_uri": self.base + routes["jwks"],
+            "userinfo_endpoint": self.base + routes["userinfo"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        }
+        self.id_token = ""
+        self.access_token = "at-1"
+        self.token_extra: dict[str, Any] = {}
+        self.token_status = 200
+        self.userinfo: dict[str, Any] = {"sub": "user-1"}
+        self.userinfo_status = 200
+        server.expect_request(f"{prefix}/.well-known/openid-configuration").respond_with_handler(
+            lambda _request: json_response(self.discovery)
+        )
+        server.expect_request(prefix + routes["jwks"]).respond_with_handler(self._jwks)
+        server.expect_request(prefix + routes["token"], method="POST").respond_with_handler(
+            lambda _request: json_response(
+                {
+                    "access_token": self.access_token,
+                    "token_type": "Bearer",
+                    "id_token": self.id_token,
+                    **self.token_extra,
+                },
+                self.token_status,
+            )
+        )
+        server.expect_request(prefix + routes["userinfo"]).respond_with_handler(
+            lambda _request: json_response(self.userinfo, self.userinfo_status)
+        )
+
+    @staticmethod
+    def jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+        jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+        return {**jwk, "kid": kid, "use": "sig"}
+
+    def _jwks(self, _request: Request) -> Response:
+        answer = self.jwks_answers[min(self.jwks_requests, len(self.jwks_answers) - 1)]
+        self.jwks_requests += 1
+        return json_response({"keys": answer})
+
+    def sign(self, *, key: Any = None, kid: str = "k1", alg: str = "RS256", **claims: Any) -> str:
+        """A JWT (an ID Token unless the claims say otherwise) for ``user-1``, issued to the
+        broker's client; a claim given as ``None`` is left out."""
+        now = int(time.time())
+        payload = {
+            "iss": self.issuer,
+            "sub": "user-1",
+            "aud": CLIENT_ID,
+            "iat": now,
+            "exp": now + 300,
+            "nonce": "n-1",
+            **claims,
+        }
+        payload = {name: value for name, value in payload.items() if value is not None}
+        return jwt.encode(payload, key or self.key, algorithm=alg, headers={"kid": kid})
+
+    def callback(self) -> CallbackRequest:
+        """The callback of a login whose nonce was ``n-1``."""
+        return CallbackRequest(
+            params={"code": "c-1", "state": "s-1"},
+            nonce="n-1",
+            code_verifier="v" * 43,
+            redirect_uri=REDIRECT_URI,
+        )
+
+    def redeem(self, provider: RedirectLogin, http: httpx.Client, id_token: str) -> LoginResult:
+        """The token endpoint answers ``id_token``; ``provider`` handles the callback."""
+        self.id_token = id_token
+        return provider.handle_callback(self.callback(), http)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json")

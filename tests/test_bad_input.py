@@ -88,7 +88,7 @@ def test_token_with_json_body_and_huge_body(client: FlaskClient) -> None:
     assert huge.status_code == 413 and huge.json["error"] == "invalid_request"
 
 
-@pytest.mark.parametrize("path", ["/consent", "/login/local", "/callback/local"])
+@pytest.mark.parametrize("path", ["/consent", "/login/local"])
 def test_pages_without_a_sign_in_in_progress(client: FlaskClient, path: str) -> None:
     for query in ({}, {"login": "nope"}, {"login": "x" * 500}, {"state": "s"}):
         response = client.get(path, query_string=query)
@@ -102,6 +102,8 @@ def test_pages_without_a_sign_in_in_progress(client: FlaskClient, path: str) -> 
 def test_unknown_provider_pages(client: FlaskClient) -> None:
     assert client.get("/login/nope").status_code == 404
     assert client.get("/callback/nope").status_code == 404
+    # A password-login provider has no upstream, so no callback (no placeholder either).
+    assert client.get("/callback/local", query_string={"state": "s"}).status_code == 404
 
 
 def test_control_characters_never_reach_the_database(client: FlaskClient) -> None:

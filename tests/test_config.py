@@ -70,7 +70,7 @@ def test_one_message_per_problem_with_key_paths() -> None:
             ],
             "rules": [
                 {"grant": ["a"], "deny": "b"},
-                {"grant": ["a"], "when": {"planet": ["mars"]}},
+                {"grant": ["a"], "when": {"Planet!": ["mars"]}},
             ],
             "surprise": True,
         }
@@ -87,7 +87,7 @@ def test_one_message_per_problem_with_key_paths() -> None:
         "resources[1].uri: must not contain a fragment",
         "resources[1].required_scopes: x is not one of the resource's scopes",
         "rules[0]: needs exactly one of grant or deny",
-        "rules[1].when.planet: unknown condition",
+        "rules[1].when.Planet!: not a fact name (lower-case letters, _)",
         "surprise: unknown key",
     ]
     for message in expected:

@@ -13,7 +13,7 @@ import pytest
 from broker.config import ConfigError
 from broker.plugins import ENTRY_POINT_GROUP, ProviderRegistry, plugin_manager, provider_types
 from providers import BUILTIN_PLUGINS, hookimpl, hookspecs
-from providers.contract import FormLogin, Identity, LoginResult, Provider, ProviderType
+from providers.contract import Identity, LoginResult, PasswordLogin, Provider, ProviderType
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
@@ -28,11 +28,8 @@ class AcmeProvider:
     def from_config(cls, name: str, config: Any, *, base_dir: str) -> AcmeProvider:
         return cls(name, config.get("display_name", "Acme"))
 
-    def login_url(self, request: Any, http: Any) -> FormLogin:
-        return FormLogin()
-
-    def handle_callback(self, request: Any, http: Any) -> LoginResult:
-        return LoginResult(Identity(provider=self.name, subject="1"))
+    def authenticate(self, username: str, password: str) -> LoginResult:
+        return LoginResult(Identity(provider=self.name, subject=username))
 
 
 class AcmePlugin:
@@ -57,7 +54,33 @@ def test_third_party_plugin_and_instances_by_name(tmp_path: Path) -> None:
     )
     assert registry.names() == ["acme", "acme2"]
     assert isinstance(registry["acme2"], Provider)
+    assert isinstance(registry["acme2"], PasswordLogin)
     assert registry["acme2"].name == "acme2"
+
+
+def test_a_provider_without_a_login_capability_is_refused(tmp_path: Path) -> None:
+    class Nameless:
+        type_name = "nameless"
+
+        def __init__(self, name: str) -> None:
+            self.name, self.display_name = name, name
+
+        @classmethod
+        def from_config(cls, name: str, config: Any, *, base_dir: str) -> Nameless:
+            return cls(name)
+
+    class Plugin:
+        @hookimpl
+        def broker_register_providers(self) -> list[Any]:
+            return [Nameless]
+
+    pm = plugin_manager(load_entry_points=False, extra=(Plugin(),))
+    with pytest.raises(ConfigError) as info:
+        ProviderRegistry.from_config(pm, {"nameless": {}}, base_dir=str(tmp_path))
+    assert info.value.problems == [
+        "providers.nameless: provider type 'nameless' offers neither a redirect login "
+        "(login_url, handle_callback) nor a password login (authenticate)"
+    ]
 
 
 def test_duplicate_type_names_are_a_startup_error() -> None:

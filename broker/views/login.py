@@ -8,7 +8,7 @@ import logging
 from flask import Blueprint, redirect, request, url_for
 from werkzeug.wrappers import Response
 
-from providers.contract import CallbackRequest, FormLogin, LoginRequest, PasswordProvider
+from providers.contract import CallbackRequest, LoginRequest, PasswordLogin, RedirectLogin
 from providers.errors import AccessDenied, LoginFailed, ProviderError, UpstreamUnavailable
 
 from ..db import utcnow
@@ -123,6 +123,9 @@ def consent_submit() -> Response:
             login_id = pending.id
     except FlowError as exc:
         return error_page(exc.status, exc.title, exc.message)
+    if isinstance(provider, PasswordLogin):
+        return redirect(url_for("login.form_login", provider=choice, login=login_id))
+    assert isinstance(provider, RedirectLogin)
     # Outside the transaction: building the URL may call the upstream (OIDC discovery).
     try:
         target = provider.login_url(
@@ -134,19 +137,24 @@ def consent_submit() -> Response:
             ),
             b.http,
         )
-    except UpstreamUnavailable:
-        log.warning("provider %s unavailable while starting a login", choice)
+    except UpstreamUnavailable as exc:
+        log.warning("provider %s unavailable while starting a sign-in: %s", choice, exc)
         return error_page(
             503,
             "Sign-in unavailable",
             "The identity provider cannot be reached right now. Try again shortly.",
         )
     except ProviderError as exc:
-        log.warning("provider %s failed to start a login: %s", choice, exc)
+        log.warning("provider %s could not start a sign-in: %s", choice, _cause(exc))
         return error_page(502, "Sign-in unavailable", "The identity provider is misconfigured.")
-    if isinstance(target, FormLogin):
-        return redirect(url_for("login.form_login", provider=choice, login=login_id))
     return redirect(target)
+
+
+def _cause(exc: ProviderError) -> str:
+    """What the operator's log says of a provider error: its reason code and detail."""
+    if isinstance(exc, LoginFailed):
+        return f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
+    return str(exc) or type(exc).__name__
 
 
 @bp.route("/login/<provider>", methods=["GET", "POST"])
@@ -154,7 +162,7 @@ def form_login(provider: str) -> Response:
     """The username and password form of a form-login provider (``local``)."""
     b = broker()
     plugin = b.providers.get(provider)
-    if plugin is None or not isinstance(plugin, PasswordProvider):
+    if plugin is None or not isinstance(plugin, PasswordLogin):
         return error_page(404, "Not found", "There is no such sign-in method.")
     login_id = request.values.get("login", "")
     try:
@@ -202,12 +210,10 @@ def form_login(provider: str) -> Response:
             with b.db.session() as session:
                 pending = b.flow.pending(session, login_id, browser_hash())
                 _check_approved(pending, provider)
-                identity = b.flow.link_identity(session, result)
-                session_value = b.flow.new_browser_session(session, identity)
-                outcome = b.flow.finish(session, pending, identity, request.remote_addr)
-            response = denied_page(outcome) if isinstance(outcome, Denied) else redirect(outcome)
-            set_cookie(response, SESSION_COOKIE, session_value)
-            return response
+                outcome, session_value = b.flow.complete_login(
+                    session, pending, result, request.remote_addr
+                )
+            return _outcome_response(outcome, session_value)
         with b.db.session() as session:
             pending = b.flow.pending(session, login_id, browser_hash())
             _check_approved(pending, provider)
@@ -250,7 +256,7 @@ def callback(provider: str) -> Response:
     """The upstream provider sends the browser back here."""
     b = broker()
     plugin = b.providers.get(provider)
-    if plugin is None:
+    if plugin is None or not isinstance(plugin, RedirectLogin):
         return error_page(404, "Not found", "There is no such sign-in method.")
     params = {k: v for k, v in request.args.items()}
     try:
@@ -262,6 +268,7 @@ def callback(provider: str) -> Response:
     except FlowError as exc:
         return error_page(exc.status, exc.title, exc.message)
     # Outside any transaction: the upstream token request and identity calls.
+    refused: AccessDenied | None = None
     failure: tuple[str, str] | None = None
     try:
         result = plugin.handle_callback(
@@ -274,32 +281,46 @@ def callback(provider: str) -> Response:
             b.http,
         )
     except AccessDenied as exc:
-        failure = ("access_denied", exc.reason)
+        log.info("sign-in through %s refused: %s", provider, _cause(exc))
+        if exc.reason == "upstream_denied":
+            # The user (or the upstream) said no at the upstream: back to the client, as the
+            # consent page's own deny button does.
+            failure = ("access_denied", exc.reason)
+        else:
+            refused = exc
     except LoginFailed as exc:
-        log.info("login through %s failed: %s (%s)", provider, exc.reason, exc.detail)
+        log.warning("sign-in through %s failed: %s", provider, _cause(exc))
         failure = ("access_denied", exc.reason)
-    except UpstreamUnavailable:
-        log.warning("provider %s unavailable during callback", provider)
+    except UpstreamUnavailable as exc:
+        log.warning("sign-in through %s: provider unavailable: %s", provider, exc)
         failure = ("temporarily_unavailable", "upstream_unavailable")
     except ProviderError as exc:
-        log.warning("provider %s error during callback: %s", provider, type(exc).__name__)
+        log.warning("sign-in through %s: provider error: %s", provider, _cause(exc))
         failure = ("access_denied", "provider_error")
     session_value = None
+    address = request.remote_addr
     try:
         with b.db.session() as session:
             row = session.get(PendingLogin, pending_id)
             assert row is not None
-            pending = row
-            if failure is not None:
-                outcome: str | Denied = b.flow.upstream_failed(
-                    session, pending, failure[0], failure[1], request.remote_addr
+            outcome: str | Denied
+            if refused is not None:
+                message = refused.message or (
+                    f"Your {plugin.display_name} account is not allowed to sign in here."
                 )
+                outcome = b.flow.provider_refused(session, row, refused.reason, message, address)
+            elif failure is not None:
+                outcome = b.flow.upstream_failed(session, row, failure[0], failure[1], address)
             else:
-                identity = b.flow.link_identity(session, result)
-                session_value = b.flow.new_browser_session(session, identity)
-                outcome = b.flow.finish(session, pending, identity, request.remote_addr)
+                outcome, session_value = b.flow.complete_login(session, row, result, address)
     except FlowError as exc:  # rolled back: nothing half-written
         return error_page(exc.status, exc.title, exc.message)
+    return _outcome_response(outcome, session_value)
+
+
+def _outcome_response(outcome: str | Denied, session_value: str | None) -> Response:
+    """The end of a sign-in: the redirect to the client, or the page that explains a refusal;
+    with the new broker session cookie when one was started."""
     response = denied_page(outcome) if isinstance(outcome, Denied) else redirect(outcome)
     if session_value is not None:
         set_cookie(response, SESSION_COOKIE, session_value)

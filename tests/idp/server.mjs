@@ -15,7 +15,8 @@
 //                     optionally token_endpoint_auth_method, grant_types, ...); grant_types
 //                     default to authorization_code + refresh_token
 //   accounts          object username -> claims, merged over the built-in accounts (alice, bob,
-//                     carol); each account's claims must include "sub"
+//                     carol); each account's claims must include "sub"; an "hd" claim (Google's
+//                     hosted domain) is released with the email scope
 //   pkceRequired      default true: every client must use PKCE (S256)
 //   rotateRefreshToken default false: when true every refresh rotates the refresh token, and
 //                     reusing a rotated one revokes the whole grant
@@ -176,7 +177,9 @@ async function main() {
     cookies: { keys: [randomBytes(32).toString('hex')] },
     claims: {
       openid: ['sub'],
-      email: ['email', 'email_verified'],
+      // hd: Google's hosted domain. With the email scope, so that "conform" puts it in UserInfo
+      // only and "all" in the ID Token as well, as Google does.
+      email: ['email', 'email_verified', 'hd'],
       profile: ['name', 'given_name', 'family_name', 'preferred_username'],
       groups: ['groups', 'realm_access', 'resource_access'],
     },
