@@ -36,7 +36,7 @@ from .contract import (
     Requirements,
     UpstreamTokens,
 )
-from .errors import AccessDenied, LoginFailed
+from .errors import AccessDenied, ConfigError, LoginFailed
 
 __all__ = [
     "PROTECTED_AUTHORIZE_PARAMS",
@@ -115,7 +115,8 @@ class OAuth2Provider:
         reader = ConfigReader(config)
         provider = cls.from_reader(name, reader)
         reader.finish()
-        assert provider is not None
+        if provider is None:  # a from_reader that refused without saying why
+            raise ConfigError([f"({name}): the provider's configuration was refused"])
         return provider
 
     @classmethod

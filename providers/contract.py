@@ -86,7 +86,10 @@ class Identity:
             "sites": frozenset(self.sites),
         }
         for name, values in self.extra_facts.items():
-            facts[name] = frozenset(values)
+            # A provider's own facts add to the built-in ones, never replace them (an extra
+            # "email" must not bypass the verified-email rule).
+            if name not in facts:
+                facts[name] = frozenset(values)
         return facts
 
     def snapshot(self) -> dict[str, Any]:
