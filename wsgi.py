@@ -1,3 +1,3 @@
-from broker import create_app
+from broker.app import create_app
 
 app = create_app()

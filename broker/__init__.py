@@ -1,131 +1,23 @@
-"""The MCP identity broker: an OAuth 2.1 authorization server in front of MCP servers."""
+"""The MCP identity broker: an OAuth 2.1 authorization server in front of MCP servers.
+
+Importing the package loads no server code, so MCP servers can import the resource kit
+(``broker.resource``) with PyJWT and cryptography alone. The application factory lives in
+:mod:`broker.app`; ``from broker import create_app`` still works and loads it on first use.
+"""
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
+if TYPE_CHECKING:
+    from .app import Broker, create_app, get_broker
 
-from . import config as config_module
-from .config import Settings
-from .crypto import Sealer
-from .db import Database
-from .flow import AuthorizationFlow
-from .keys import KeyRing
-from .oauth2.cimd import ClientMetadataDocuments
-from .oauth2.rfc7009 import TokenRevocation
-from .oauth2.rfc7591 import ClientRegistration
-from .oauth2.rfc7662 import TokenIntrospection
-from .oauth2.server import BrokerAuthorizationServer
-from .plugins import ProviderRegistry, plugin_manager
-from .throttle import LoginThrottle, redis_client
-
-__all__ = ["Broker", "create_app"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Broker", "create_app", "get_broker"]
 
 
-@dataclass
-class Broker:
-    """Everything one application instance holds (``app.extensions["broker"]``)."""
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import app
 
-    settings: Settings
-    db: Database
-    sealer: Sealer
-    keys: KeyRing
-    server: BrokerAuthorizationServer
-    flow: AuthorizationFlow
-    providers: ProviderRegistry
-    http: httpx.Client
-    cimd: ClientMetadataDocuments
-    throttle: LoginThrottle
-
-
-def create_app(
-    config: Settings | str | os.PathLike[str] | None = None,
-    *,
-    plugins: tuple[object, ...] = (),
-    check_schema: bool = True,
-) -> Flask:
-    """The application factory.
-
-    ``config`` is a :class:`Settings`, a path to ``broker.yaml``, or ``None`` for
-    ``$BROKER_CONFIG``. A bad configuration raises :class:`broker.config.ConfigError` listing every
-    problem with its key path.
-    """
-    settings = config if isinstance(config, Settings) else config_module.load(config)
-    app = Flask(
-        __name__,
-        instance_path=os.path.abspath(settings.instance_path),
-        instance_relative_config=False,
-    )
-    app.config.update(
-        SECRET_KEY=settings.secret_key,
-        MAX_CONTENT_LENGTH=64 * 1024,
-        SESSION_COOKIE_SECURE=settings.secure_cookies,
-        TRAP_HTTP_EXCEPTIONS=False,
-    )
-    if settings.trust_proxy:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
-
-    pm = plugin_manager(extra=plugins)
-    providers = ProviderRegistry.for_settings(pm, settings)
-
-    db = Database(settings.database_url)
-    if check_schema:
-        from .migrate import is_current
-
-        if not is_current(db.engine):
-            db.dispose()
-            raise config_module.ConfigError(
-                [
-                    "database_url: the database schema is not at the current version; "
-                    "run `broker db upgrade`"
-                ]
-            )
-    sealer = Sealer(settings.secret_key)
-    keys = KeyRing(sealer, settings.tokens.signing_alg)
-    with db.session() as session:
-        keys.ensure_active(session)  # first start: create the signing key
-    server = BrokerAuthorizationServer(settings, db, keys, sealer)
-    server.register_endpoint(ClientRegistration)
-    server.register_endpoint(TokenRevocation)
-    server.register_endpoint(TokenIntrospection)
-    http = httpx.Client(
-        timeout=httpx.Timeout(10.0),
-        follow_redirects=False,
-        headers={"User-Agent": "mcp-identity-broker"},
-    )
-    app.extensions["broker"] = Broker(
-        settings,
-        db,
-        sealer,
-        keys,
-        server,
-        AuthorizationFlow(settings, server, sealer),
-        providers,
-        http,
-        ClientMetadataDocuments(settings, db),
-        LoginThrottle(
-            redis_client(settings.redis_url) if settings.redis_url else None,
-            prefix=settings.redis_prefix,
-        ),
-    )
-
-    from .views import init_app as init_views
-
-    init_views(app)
-    from .cli import init_app as init_cli
-
-    init_cli(app)
-    return app
-
-
-def get_broker(app: Any) -> Broker:
-    broker: Broker = app.extensions["broker"]
-    return broker
+        return getattr(app, name)
+    raise AttributeError(f"module 'broker' has no attribute {name!r}")

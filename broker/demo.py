@@ -153,7 +153,7 @@ def demo_settings(directory: Path, port: int, mcp_port: int) -> Any:
 
 
 def run_demo(directory: Path, *, port: int = 8000, mcp_port: int = 8001) -> None:
-    from . import create_app
+    from .app import create_app
     from .db import Database
     from .devserver import serve
     from .migrate import upgrade
