@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .oauth2.cimd import ClientMetadataDocuments
 from .oauth2.rfc7009 import TokenRevocation
 from .oauth2.rfc7591 import ClientRegistration
 from .oauth2.rfc7662 import TokenIntrospection
+from .oauth2.rfc8693 import register_token_exchange
 from .oauth2.server import BrokerAuthorizationServer
 from .plugins import ProviderRegistry, plugin_manager
 from .throttle import LoginThrottle, redis_client
@@ -78,20 +80,19 @@ def create_app(
 
     db = Database(settings.database_url)
     if check_schema:
-        from .migrate import is_current
+        from .migrate import migration_status
 
-        if not is_current(db.engine):
+        status = migration_status(db.engine, settings.client_migrations)
+        if status.problems:
             db.dispose()
-            raise config_module.ConfigError(
-                [
-                    "database_url: the database schema is not at the current version; "
-                    "run `broker db upgrade`"
-                ]
-            )
+            raise config_module.ConfigError([f"database_url: {p}" for p in status.problems])
     sealer = Sealer(settings.secret_key)
-    keys = KeyRing(sealer, settings.tokens.signing_alg)
+    keys = KeyRing(sealer, settings.tokens.signing_alg, access_ttl=settings.tokens.access_ttl)
     with db.session() as session:
         keys.ensure_active(session)  # first start: create the signing key
+        keys.ensure_next(session)  # and the next one, published before it ever signs
+        if settings.tokens.key_rotation_days:
+            keys.rotate_if_older(session, dt.timedelta(days=settings.tokens.key_rotation_days))
     server = BrokerAuthorizationServer(settings, db, keys, sealer)
     server.register_endpoint(ClientRegistration)
     server.register_endpoint(TokenRevocation)
@@ -101,6 +102,7 @@ def create_app(
         follow_redirects=False,
         headers={"User-Agent": "mcp-identity-broker"},
     )
+    register_token_exchange(server, providers, http)
     app.extensions["broker"] = Broker(
         settings,
         db,

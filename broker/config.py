@@ -37,6 +37,7 @@ class TokenSettings:
     code_ttl: int = 300
     login_ttl: int = 600
     signing_alg: str = "ES256"
+    key_rotation_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ResourceSettings:
     required_scopes: tuple[str, ...] = ()
     providers: tuple[str, ...] | None = None
     upstream_tokens: tuple[str, ...] = ()
+    claims: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,33 @@ class RuleSettings:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """``count`` requests per ``period`` seconds (a fixed window), written ``N/unit`` in the
+    config (``20/hour``; units second, minute, hour, day)."""
+
+    count: int
+    period: int
+
+    def __str__(self) -> str:
+        unit = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}.get(self.period)
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.period}s"
+
+
+RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*$")
+
+DEFAULT_RATE_LIMITS: dict[str, dict[str, RateLimit]] = {
+    # Claude registers on every fresh connection, from Anthropic's servers: one address for
+    # every Claude user of the broker. The default holds a flood and lets a company through.
+    "register": {"per_address": RateLimit(600, 3600)},
+    # Documents are cached, so a host is fetched rarely; this bounds a client_id flood.
+    "client_metadata_fetch": {"per_host": RateLimit(60, 60)},
+}
+"""The limits in force without ``rate_limits`` in the config; each one can be changed, or
+turned off with ``off``."""
+
+
+@dataclass(frozen=True)
 class CIMDSettings:
     """Client ID Metadata Documents: clients whose ``client_id`` is an https URL."""
 
@@ -76,6 +105,11 @@ class CIMDSettings:
     # to trust for them. Never a way to weaken the production SSRF rules.
     allow_hosts: tuple[str, ...] = ()
     ca_file: str | None = None
+    # Production host policy: host names (``*.example.com`` matches subdomains) whose documents
+    # may (allowed_hosts: only these, when set) or may not (denied_hosts) be fetched.
+    allowed_hosts: tuple[str, ...] = ()
+    denied_hosts: tuple[str, ...] = ()
+    failure_cache: int = 60
 
 
 @dataclass(frozen=True)
@@ -93,6 +127,11 @@ class Settings:
     resources: tuple[ResourceSettings, ...] = ()
     rules: tuple[RuleSettings, ...] = ()
     registration_ttl: int = 7 * 24 * 3600
+    registration_enabled: bool = True
+    client_migrations: str = "client_migrations"
+    rate_limits: Mapping[str, Mapping[str, RateLimit]] = field(
+        default_factory=lambda: dict(DEFAULT_RATE_LIMITS)
+    )
     client_metadata_documents: CIMDSettings = field(default_factory=CIMDSettings)
     testing: bool = False
     allow_insecure_issuer: bool = False
@@ -255,6 +294,22 @@ def canonical_resource_problem(uri: str) -> str | None:
     return None
 
 
+def _claim_names(
+    data: Mapping[str, Any], path: str, reader: _Reader, problems: list[str]
+) -> tuple[str, ...]:
+    """``resources[].claims``: identity facts the resource's tokens carry (``preferred_username``
+    is the token's name of the ``username`` fact). Which facts exist is checked against the
+    providers at start-up."""
+    names = []
+    for name in reader.strings(data, "claims", path) or ():
+        name = "username" if name == "preferred_username" else name
+        if not FACT_NAME.match(name):
+            problems.append(f"{path}.claims: {name} is not a fact name")
+        elif name not in names:
+            names.append(name)
+    return tuple(names)
+
+
 def _resources(raw: Any, reader: _Reader, problems: list[str]) -> tuple[ResourceSettings, ...]:
     if raw is None:
         return ()
@@ -267,7 +322,9 @@ def _resources(raw: Any, reader: _Reader, problems: list[str]) -> tuple[Resource
         path = f"resources[{i}]"
         data = reader.mapping(item, path)
         reader.unknown(
-            data, {"uri", "name", "scopes", "required_scopes", "providers", "upstream_tokens"}, path
+            data,
+            {"uri", "name", "scopes", "required_scopes", "providers", "upstream_tokens", "claims"},
+            path,
         )
         uri = reader.string(data, "uri", path, required=True)
         if uri is None:
@@ -305,6 +362,7 @@ def _resources(raw: Any, reader: _Reader, problems: list[str]) -> tuple[Resource
                 required_scopes=required,
                 providers=reader.strings(data, "providers", path),
                 upstream_tokens=reader.strings(data, "upstream_tokens", path) or (),
+                claims=_claim_names(data, path, reader, problems),
             )
         )
     return tuple(result)
@@ -354,6 +412,59 @@ def _rules(raw: Any, reader: _Reader, problems: list[str]) -> tuple[RuleSettings
     return tuple(rules)
 
 
+_HOST_PATTERN = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}$")
+
+
+def _host_patterns(
+    data: Mapping[str, Any], key: str, reader: _Reader, problems: list[str]
+) -> tuple[str, ...]:
+    values = reader.strings(data, key, "client_metadata_documents") or ()
+    result = []
+    for index, value in enumerate(values):
+        host = value.lower().rstrip(".")
+        if not _HOST_PATTERN.match(host):
+            problems.append(
+                f"client_metadata_documents.{key}[{index}]: not a host name "
+                "(example.com, or *.example.com for its subdomains)"
+            )
+        else:
+            result.append(host)
+    return tuple(result)
+
+
+def parse_rate(value: Any) -> RateLimit | None:
+    """``N/unit`` as a :class:`RateLimit`, or ``None`` when it is not one."""
+    if isinstance(value, str) and (match := _RATE.match(value)):
+        count = int(match.group(1))
+        return RateLimit(count, RATE_UNITS[match.group(2)]) if count > 0 else None
+    return None
+
+
+def _rate_limits(raw: Any, reader: _Reader, problems: list[str]) -> dict[str, dict[str, RateLimit]]:
+    """``rate_limits.<name>.<per_...>: N/unit`` (or ``off``) over :data:`DEFAULT_RATE_LIMITS`."""
+    limits = {name: dict(per) for name, per in DEFAULT_RATE_LIMITS.items()}
+    data = reader.mapping(raw, "rate_limits")
+    for name, per in data.items():
+        path = f"rate_limits.{name}"
+        if name not in DEFAULT_RATE_LIMITS:
+            problems.append(f"{path}: unknown limit (known: {', '.join(DEFAULT_RATE_LIMITS)})")
+            continue
+        for subject, value in reader.mapping(per, path).items():
+            if subject not in DEFAULT_RATE_LIMITS[name]:
+                known = ", ".join(DEFAULT_RATE_LIMITS[name])
+                problems.append(f"{path}.{subject}: unknown key (known: {known})")
+            elif value in ("off", False):
+                limits[name].pop(subject, None)
+            elif (rate := parse_rate(value)) is None:
+                problems.append(
+                    f"{path}.{subject}: must be N/unit (unit second, minute, hour or day), "
+                    "N at least 1, or off"
+                )
+            else:
+                limits[name][subject] = rate
+    return limits
+
+
 TOP_LEVEL = {
     "issuer",
     "database_url",
@@ -366,6 +477,9 @@ TOP_LEVEL = {
     "resources",
     "rules",
     "registration_ttl",
+    "registration_enabled",
+    "client_migrations",
+    "rate_limits",
     "client_metadata_documents",
     "instance_path",
 }
@@ -421,6 +535,7 @@ def parse(
             "code_ttl",
             "login_ttl",
             "signing_alg",
+            "key_rotation_days",
         },
         "tokens",
     )
@@ -438,6 +553,9 @@ def parse(
         code_ttl=reader.integer(tokens_raw, "code_ttl", "tokens", 300, minimum=10, maximum=600),
         login_ttl=reader.integer(tokens_raw, "login_ttl", "tokens", 600, minimum=60, maximum=3600),
         signing_alg=reader.string(tokens_raw, "signing_alg", "tokens", default="ES256") or "ES256",
+        key_rotation_days=reader.integer(
+            tokens_raw, "key_rotation_days", "tokens", 0, minimum=0, maximum=3650
+        ),
     )
     if tokens.signing_alg not in SIGNING_ALGS:
         problems.append(f"tokens.signing_alg: must be one of {', '.join(SIGNING_ALGS)}")
@@ -457,17 +575,32 @@ def parse(
     resources = _resources(data.get("resources"), reader, problems)
     if not resources:
         problems.append("resources: at least one resource (MCP server) is required")
-    for res in resources:
+    for index, res in enumerate(resources):
         for p in res.providers or ():
             if p not in providers:
+                problems.append(f"resources[{index}].providers: unknown provider {p}")
+        for p in res.upstream_tokens:
+            if p not in providers:
+                problems.append(f"resources[{index}].upstream_tokens: unknown provider {p}")
+            elif res.providers is not None and p not in res.providers:
                 problems.append(
-                    f"resources[{resources.index(res)}].providers: unknown provider {p}"
+                    f"resources[{index}].upstream_tokens: {p} is not one of the resource's "
+                    "providers, so no user of it signs in there"
                 )
 
     cimd_raw = reader.mapping(data.get("client_metadata_documents"), "client_metadata_documents")
     reader.unknown(
         cimd_raw,
-        {"enabled", "timeout", "max_bytes", "cache_min", "cache_max"}
+        {
+            "enabled",
+            "timeout",
+            "max_bytes",
+            "cache_min",
+            "cache_max",
+            "allowed_hosts",
+            "denied_hosts",
+            "failure_cache",
+        }
         | ({"allow_hosts", "ca_file"} if testing else set()),
         "client_metadata_documents",
     )
@@ -489,6 +622,11 @@ def parse(
         ),
         allow_hosts=reader.strings(cimd_raw, "allow_hosts", "client_metadata_documents") or (),
         ca_file=reader.string(cimd_raw, "ca_file", "client_metadata_documents"),
+        allowed_hosts=_host_patterns(cimd_raw, "allowed_hosts", reader, problems),
+        denied_hosts=_host_patterns(cimd_raw, "denied_hosts", reader, problems),
+        failure_cache=reader.integer(
+            cimd_raw, "failure_cache", "client_metadata_documents", 60, minimum=0, maximum=3600
+        ),
     )
 
     redis_url = reader.string(data, "redis_url", "")
@@ -509,6 +647,12 @@ def parse(
         resources=resources,
         rules=_rules(data.get("rules"), reader, problems),
         registration_ttl=reader.integer(data, "registration_ttl", "", 7 * 86400, minimum=3600),
+        registration_enabled=reader.boolean(data, "registration_enabled", "", True),
+        client_migrations=str(
+            Path(base_dir)
+            / (reader.string(data, "client_migrations", "", default="client_migrations") or "")
+        ),
+        rate_limits=_rate_limits(data.get("rate_limits"), reader, problems),
         client_metadata_documents=cimd,
         testing=testing,
         allow_insecure_issuer=allow_insecure,

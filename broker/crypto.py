@@ -3,8 +3,10 @@
 Keys for encryption derive from the operator's ``secret_key`` with HKDF-SHA256 (RFC 5869), one key
 per purpose and version. Sealed values are AES-256-GCM with associated data naming the table, row
 and purpose, so a sealed value copied to another row or column does not open. Values presented
-back to us (codes, refresh tokens, session ids) are stored as SHA-256 hashes; client secrets and
-passwords use a slow hash (argon2id).
+back to us (codes, refresh tokens, session ids) are stored as SHA-256 hashes. Client secrets the
+broker generates are high-entropy, so they are stored with a fast salted HMAC-SHA256 and checked in
+constant time (:func:`hash_client_secret`); argon2id hashes of client secrets written before it, and
+passwords, keep verifying.
 """
 
 from __future__ import annotations
@@ -106,7 +108,43 @@ def hash_password(secret: str) -> str:
     return _password_hasher.hash(secret)
 
 
+CLIENT_SECRET_SCHEME = "hmac-sha256"
+_CLIENT_SECRET_SALT_BYTES = 16
+
+
+def hash_client_secret(secret: str) -> str:
+    """A fast salted hash of a client secret the broker generated:
+    ``hmac-sha256$<salt>$<digest>``, HMAC-SHA256 of the secret keyed with a random 128-bit salt
+    (both base64url).
+
+    Only for high-entropy secrets (``new_token(32)``: 256 bits), which no guessing reaches, so a
+    slow hash buys nothing and argon2id's ~140 ms and 64 MiB per check would let any holder of a
+    confidential client exhaust the workers. It does not depend on ``secret_key``: static-client
+    migrations are written before, and outlive, a rotation of it.
+    """
+    salt = os.urandom(_CLIENT_SECRET_SALT_BYTES)
+    digest = hmac.new(salt, secret.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    return f"{CLIENT_SECRET_SCHEME}${_b64e(salt)}${_b64e(digest)}"
+
+
+def _verify_client_secret(hashed: str, secret: str) -> bool:
+    scheme, _, rest = hashed.partition("$")
+    salt_text, _, digest_text = rest.partition("$")
+    if scheme != CLIENT_SECRET_SCHEME or not salt_text or not digest_text:
+        return False
+    try:
+        salt, expected = _b64d(salt_text), _b64d(digest_text)
+    except ValueError:  # binascii.Error: not base64
+        return False
+    actual = hmac.new(salt, secret.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    return hmac.compare_digest(actual, expected)
+
+
 def verify_password(hashed: str, secret: str) -> bool:
+    """Whether ``secret`` matches ``hashed``: a :func:`hash_client_secret` value (compared in
+    constant time) or an argon2 hash (older client secrets, passwords)."""
+    if hashed.startswith(CLIENT_SECRET_SCHEME + "$"):
+        return _verify_client_secret(hashed, secret)
     try:
         return _password_hasher.verify(hashed, secret)
     except (VerificationError, InvalidHashError):

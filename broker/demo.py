@@ -8,6 +8,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def build_demo_mcp(
         auth_settings,
         current_token,
     )
+    from .resource.verifier import TokenIdentity
 
     verifier = BrokerTokenVerifier(issuer=issuer, audience=resource_url)
     server: Any = MCPServer(
@@ -46,12 +48,17 @@ def build_demo_mcp(
 
     @server.tool()  # type: ignore[untyped-decorator]
     def whoami() -> dict[str, Any]:
-        """Who is calling: the broker subject, the client and the granted scopes."""
+        """Who is calling: the broker subject, the client, the granted scopes, and the identity
+        claims this resource may see (its ``claims`` in the broker's config)."""
         token = current_token()
         if token is None:
             return {"authenticated": False}
         claims = token.claims or {}
+        identity = TokenIdentity.from_claims(claims)
+        seen = {f.name: getattr(identity, f.name) for f in fields(identity) if f.name != "other"}
         return {
+            "identity": {k: v for k, v in seen.items() if v not in (None, ())}
+            | dict(identity.other),
             "authenticated": True,
             "subject": token.subject,
             "client_id": token.client_id,
@@ -160,7 +167,7 @@ def run_demo(directory: Path, *, port: int = 8000, mcp_port: int = 8001) -> None
 
     settings = demo_settings(directory, port, mcp_port)
     database = Database(settings.database_url)
-    upgrade(database.engine)
+    upgrade(database.engine, client_migrations=settings.client_migrations)
     database.dispose()
     app = create_app(settings)
     resource = settings.resources[0].uri

@@ -4,7 +4,10 @@
    stores a :class:`PendingLogin` (any worker can finish it).
 2. Unless this browser's broker session already approved the client, the consent page comes first;
    the browser is never sent upstream for a client it has not approved (MCP security practices,
-   confused deputy).
+   confused deputy). A first-party client the operator marked ``trusted`` needs no consent: the
+   operator's registration stands for it, and the user only signs in. A public client whose
+   identity cannot be assured (self-registered, with a loopback or private-use redirect URI) is
+   confirmed by the user on every request, approved before or not (RFC 8252 section 8.6).
 3. The upstream ``state`` is created only after approval, single use, bound to the pending login
    and to this browser.
 4. After sign-in: link the identity to a user, seal upstream tokens, start a broker session,
@@ -19,7 +22,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from authlib.common.urls import add_params_to_uri
@@ -48,6 +51,7 @@ from .models import (
     User,
 )
 from .oauth2.clients import is_loopback_redirect, redirect_digest
+from .oauth2.errors import InvalidTargetError
 from .oauth2.rfc6749 import GrantUser
 from .oauth2.server import BrokerAuthorizationServer
 
@@ -74,11 +78,37 @@ class FlowError(Exception):
 @dataclass
 class Denied:
     """Policy said no: a page that explains, with a link back to the client carrying
-    ``access_denied``."""
+    ``access_denied``; no link (``None``) when the redirect URI is no longer the client's."""
 
     reason: str
-    redirect_to: str
+    redirect_to: str | None
     client_name: str
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """Send the browser to ``provider``'s sign-in: the request is approved and its upstream
+    ``state`` (with the nonce and PKCE verifier) has just been created."""
+
+    provider: str
+    login_id: str
+    state: str
+    nonce: str
+    code_verifier: str
+
+
+@dataclass(frozen=True)
+class AskUser:
+    """Show the pending login's page (:meth:`AuthorizationFlow.consent_view` says which)."""
+
+    login_id: str
+
+
+Step = str | Denied | SignIn | AskUser
+"""What comes after a valid authorization request: a redirect to the client (a code or an
+error), a refusal page, a provider's sign-in, or the consent (or confirmation) page."""
+
+ConsentPage = Literal["consent", "confirm", "sign_in"]
 
 
 def error_redirect(
@@ -128,9 +158,7 @@ class AuthorizationFlow:
 
     # -- /authorize ------------------------------------------------------------------------
 
-    def start(
-        self, session: Session, request: Request, browser_hash: str
-    ) -> tuple[str, PendingLogin]:
+    def start(self, session: Session, request: Request, browser_hash: str) -> PendingLogin:
         """Validate the request and store a pending login; raises :class:`OAuth2Error` (its
         ``redirect_uri`` is set only once the redirect URI is validated)."""
         oauth_request = self.server.create_oauth2_request(request)
@@ -139,6 +167,14 @@ class AuthorizationFlow:
         resource: ResourceSettings = req.resource
         client = req.client
         data = req.payload.data
+        allowed = client.row.allowed_resources
+        if allowed is not None and resource.uri.rstrip("/") not in {u.rstrip("/") for u in allowed}:
+            # RFC 8707 section 2: a resource this (static) client may not have tokens for.
+            raise InvalidTargetError(
+                "The client is not allowed tokens for this resource.",
+                redirect_uri=req.validated_redirect_uri,
+                state=data.get("state"),
+            )
         prompt = set((data.get("prompt") or "").split())
         problem = None
         if "none" in prompt and len(prompt) > 1:
@@ -167,7 +203,130 @@ class AuthorizationFlow:
             expires_at=now + dt.timedelta(seconds=self.settings.tokens.login_ttl),
         )
         session.add(pending)
-        return ",".join(sorted(prompt)), pending
+        return pending
+
+    def next_step(
+        self,
+        session: Session,
+        pending: PendingLogin,
+        browser: BrowserSession | None,
+        provider_names: list[str],
+        address: str | None,
+    ) -> Step:
+        """After :meth:`start`, in the consent-first order (MCP security practices): a code
+        straight away only for a browser whose broker session already approved the client (and,
+        for a client whose identity cannot be assured, never without the user's click, RFC 8252
+        section 8.6), or for a trusted client; otherwise the consent page, or for a trusted
+        client the sign-in (the only allowed provider's, or the chooser). ``prompt=none``
+        (OIDC Core 3.1.2.1) gets ``login_required`` or ``consent_required`` instead of a page."""
+        client = self.client(session, pending)
+        resource = self.resource(pending)
+        prompt = self.prompts(pending)
+        identity = self.usable_identity(session, pending, browser, provider_names)
+        if self.trusted(client, pending.redirect_uri):
+            # The operator's registration stands for the user's consent, prompt=consent
+            # included; the user still signs in (prompt=login: again).
+            if identity is not None and browser is not None:
+                return self.finish(
+                    session, pending, identity, address, auth_time=browser.created_at
+                )
+            if "none" in prompt:
+                return self._no_interaction(pending, "login_required")
+            if len(provider_names) == 1:
+                return self.sign_in(session, pending, provider_names[0])
+            return AskUser(pending.id)
+        if (
+            browser is not None
+            and identity is not None
+            and self.approved_before(session, pending, identity, client, resource)
+            and not self.needs_confirmation(client, pending.redirect_uri)
+        ):
+            return self.finish(session, pending, identity, address, auth_time=browser.created_at)
+        if "none" in prompt:
+            return self._no_interaction(
+                pending, "consent_required" if browser is not None else "login_required"
+            )
+        return AskUser(pending.id)
+
+    def _no_interaction(self, pending: PendingLogin, error: str) -> str:
+        pending.completed_at = utcnow()
+        return error_redirect(self.settings, pending.redirect_uri, error, None, pending.state)
+
+    def sign_in(self, session: Session, pending: PendingLogin, provider: str) -> SignIn:
+        """The request is approved: sign in with ``provider`` (its upstream state starts now)."""
+        state, nonce, verifier = self.approve(session, pending, provider)
+        return SignIn(provider, pending.id, state, nonce, verifier)
+
+    # -- who may skip what -----------------------------------------------------------------
+
+    @staticmethod
+    def _local_public(client: Client, redirect_uri: str) -> bool:
+        """RFC 8252 section 8.6: a public client sent to a loopback or private-use redirect URI
+        can be impersonated by any local program (its client id, its own PKCE); a client secret
+        or an https redirect URI cannot."""
+        if client.token_endpoint_auth_method != "none":
+            return False
+        try:
+            return urlsplit(redirect_uri).scheme.lower() != "https"
+        except ValueError:
+            return True
+
+    @classmethod
+    def trusted(cls, client: Client, redirect_uri: str) -> bool:
+        """A first-party client: the operator registered it (static) and marked it trusted.
+        As ``broker clients add`` refuses, a public client's trust never extends to a loopback
+        or private-use redirect URI (RFC 8252 section 8.6): there it gets the consent page."""
+        return (
+            client.kind == "static"
+            and bool(client.trusted)
+            and not cls._local_public(client, redirect_uri)
+        )
+
+    @classmethod
+    def needs_confirmation(cls, client: Client, redirect_uri: str) -> bool:
+        """RFC 8252 section 8.6: without assurance of the client's identity the server SHOULD
+        NOT process a request automatically, even one the user approved before. A public client
+        that registered itself (DCR) or is a metadata document gets no such assurance at a
+        loopback or private-use redirect URI; an operator's (static) registration gives it."""
+        return client.kind != "static" and cls._local_public(client, redirect_uri)
+
+    @staticmethod
+    def prompts(pending: PendingLogin) -> set[str]:
+        """The request's ``prompt`` values (OIDC Core 3.1.2.1)."""
+        return set(" ".join(pending.request_params.get("prompt", [])).split())
+
+    def usable_identity(
+        self,
+        session: Session,
+        pending: PendingLogin,
+        browser: BrowserSession | None,
+        provider_names: list[str],
+    ) -> Identity | None:
+        """The identity of this browser's broker session when this request may use it: the
+        session is live (:meth:`browser_session`), its provider is allowed here, and the request
+        does not ask to sign in again (``prompt=login``). One rule for /authorize, the consent
+        page and its form."""
+        if browser is None or self.forces_login(pending):
+            return None
+        identity = session.get(Identity, browser.identity_id)
+        if identity is None or identity.provider not in provider_names:
+            return None
+        return identity
+
+    def approved_before(
+        self,
+        session: Session,
+        pending: PendingLogin,
+        identity: Identity,
+        client: Client,
+        resource: ResourceSettings,
+    ) -> bool:
+        """The user approved this client for these scopes before, and the request does not ask
+        for the consent page again (``prompt=consent``)."""
+        if "consent" in self.prompts(pending):
+            return False
+        scopes = [s for s, _ in self.display_scopes(pending, resource)]
+        return self.consent_covers(session, identity.user_id, client, resource.uri, scopes)
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -262,18 +421,30 @@ class AuthorizationFlow:
         provider_names: list[str],
         browser: BrowserSession | None,
     ) -> dict[str, Any]:
+        """What the page shows. ``page`` is ``consent`` (approve, and sign in), ``sign_in`` (a
+        trusted client: only how to sign in), or ``confirm``: the one-click confirmation of a
+        request from a client the user approved before whose identity cannot be assured
+        (:meth:`needs_confirmation`)."""
         client = self.client(session, pending)
         resource = self.resource(pending)
         signed_in = None
-        if browser is not None and not self.forces_login(pending):
-            identity = session.get(Identity, browser.identity_id)
-            if identity is not None and identity.provider in provider_names:
-                snap = identity.snapshot
-                signed_in = {
-                    "provider": identity.provider,
-                    "who": snap.get("email") or snap.get("username") or snap.get("subject"),
-                }
+        trusted = self.trusted(client, pending.redirect_uri)
+        page: ConsentPage = "sign_in" if trusted else "consent"
+        identity = self.usable_identity(session, pending, browser, provider_names)
+        if identity is not None:
+            snap = identity.snapshot
+            signed_in = {
+                "provider": identity.provider,
+                "who": snap.get("email") or snap.get("username") or snap.get("subject"),
+            }
+            if (
+                page == "consent"
+                and self.needs_confirmation(client, pending.redirect_uri)
+                and self.approved_before(session, pending, identity, client, resource)
+            ):
+                page = "confirm"
         return {
+            "page": page,
             "client_name": client.name,
             "client_kind": client.kind,
             "client_id": client.client_id,
@@ -289,8 +460,7 @@ class AuthorizationFlow:
     @staticmethod
     def forces_login(pending: PendingLogin) -> bool:
         """``prompt=login`` (OIDC Core 3.1.2.1): sign in again, even with a broker session."""
-        prompts = " ".join(pending.request_params.get("prompt", [])).split()
-        return "login" in prompts
+        return "login" in AuthorizationFlow.prompts(pending)
 
     # -- after approval --------------------------------------------------------------------
 
@@ -321,13 +491,52 @@ class AuthorizationFlow:
                 reason="user_denied",
             )
         )
-        return error_redirect(
-            self.settings,
-            pending.redirect_uri,
-            "access_denied",
-            "The user denied the request.",
-            pending.state,
+        return self._client_redirect(
+            session, pending, "access_denied", "The user denied the request."
         )
+
+    def redirect_target(self, session: Session, pending: PendingLogin) -> str | None:
+        """The pending login's redirect URI while it is still one the client has registered:
+        /authorize validated it, but the registration may have changed or gone since (a new
+        metadata document, a removed client). ``None`` otherwise: nothing may send the browser
+        there any more."""
+        with self.server.request_state(session):
+            client = self.server.query_client(pending.client_id)
+        if client is None or not client.check_redirect_uri(pending.redirect_uri):
+            log.info(
+                "redirect URI of sign-in %s is no longer registered for client %s",
+                pending.id,
+                pending.client_id,
+            )
+            return None
+        return pending.redirect_uri
+
+    def _client_redirect(
+        self, session: Session, pending: PendingLogin, error: str, description: str | None
+    ) -> str:
+        """An error response to the client, only to a redirect URI it still has registered."""
+        target = self.redirect_target(session, pending)
+        if target is None:
+            raise FlowError(
+                400,
+                "Request no longer valid",
+                "The application's registration changed. Start again from your application.",
+            )
+        return error_redirect(self.settings, target, error, description, pending.state)
+
+    def _denied(
+        self, session: Session, pending: PendingLogin, reason: str, description: str
+    ) -> Denied:
+        """The refusal page; its link back to the client (``access_denied``) only ever goes to a
+        redirect URI the client still has registered."""
+        client = self.client(session, pending)
+        target = self.redirect_target(session, pending)
+        link = (
+            error_redirect(self.settings, target, "access_denied", description, pending.state)
+            if target is not None
+            else None
+        )
+        return Denied(reason, link, client.name)
 
     def consume_upstream_state(
         self, session: Session, provider: str, state: str | None, browser_hash: str | None
@@ -391,9 +600,7 @@ class AuthorizationFlow:
             "access_denied": "The sign-in was not completed.",
             "temporarily_unavailable": "The identity provider is unavailable; try again later.",
         }
-        return error_redirect(
-            self.settings, pending.redirect_uri, error, descriptions.get(error), pending.state
-        )
+        return self._client_redirect(session, pending, error, descriptions.get(error))
 
     # -- finishing -------------------------------------------------------------------------
 
@@ -570,17 +777,7 @@ class AuthorizationFlow:
                 address=address,
             )
         )
-        return Denied(
-            reason,
-            error_redirect(
-                self.settings,
-                pending.redirect_uri,
-                "access_denied",
-                "Access denied by policy.",
-                pending.state,
-            ),
-            client.name,
-        )
+        return self._denied(session, pending, reason, "Access denied by policy.")
 
     def provider_refused(
         self,
@@ -603,16 +800,8 @@ class AuthorizationFlow:
                 address=address,
             )
         )
-        return Denied(
-            message,
-            error_redirect(
-                self.settings,
-                pending.redirect_uri,
-                "access_denied",
-                "The identity provider account is not allowed.",
-                pending.state,
-            ),
-            self.client(session, pending).name,
+        return self._denied(
+            session, pending, message, "The identity provider account is not allowed."
         )
 
     def finish(

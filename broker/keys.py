@@ -18,14 +18,18 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from .crypto import Sealer
-from .db import utcnow
+from .db import rows_affected, utcnow
 from .models import SigningKey
 
 ACTIVE_KEY_RECHECK = 30.0
+JWKS_MAX_AGE = 300
+"""Seconds resource servers may cache the JWKS (its ``Cache-Control``)."""
+PUBLISH_BEFORE_SIGNING = dt.timedelta(seconds=JWKS_MAX_AGE + ACTIVE_KEY_RECHECK)
+"""A next key is in the JWKS at least this long before it signs: every cache has seen it."""
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
@@ -63,12 +67,35 @@ def public_jwk(private_key: PrivateKey, kid: str, alg: str) -> dict[str, Any]:
     return dict(jwk)
 
 
-class KeyRing:
-    """The application's signing keys."""
+class RotationRefused(Exception):
+    """A rotation cannot happen now (the next key was published too recently)."""
 
-    def __init__(self, sealer: Sealer, alg: str) -> None:
+
+@dataclass(frozen=True)
+class Rotation:
+    """What a rotation did: the key that signs now, the one retired (kept in the JWKS until
+    ``retired_until``), and the new next key published for the rotation after."""
+
+    active: str
+    retired: str | None
+    retired_until: dt.datetime | None
+    next: str
+
+
+class KeyRing:
+    """The application's signing keys.
+
+    Life of a key: ``next`` (published in the JWKS, not signing), ``active`` (signing), ``retired``
+    (published until every token it signed has expired, then dropped from the JWKS). A rotation
+    activates the next key only once it has been published for :data:`PUBLISH_BEFORE_SIGNING`,
+    so resource servers that cache the JWKS already know it when the first token it signs
+    arrives; tokens of the retired key keep verifying until they expire.
+    """
+
+    def __init__(self, sealer: Sealer, alg: str, *, access_ttl: int = 3600) -> None:
         self._sealer = sealer
         self.alg = alg
+        self.access_ttl = access_ttl
         self._loaded: dict[str, LoadedKey] = {}
         self._lock = threading.Lock()
         self._active: tuple[LoadedKey, float] | None = None
@@ -100,15 +127,87 @@ class KeyRing:
 
     def ensure_active(self, session: Session) -> SigningKey:
         """The newest active key of the configured algorithm, created if there is none."""
-        row = session.scalars(
-            select(SigningKey)
-            .where(SigningKey.state == "active", SigningKey.alg == self.alg)
-            .order_by(SigningKey.activated_at.desc())
-            .limit(1)
-        ).first()
+        row = self._newest(session, "active")
         if row is None:
             row = self.create(session)
         return row
+
+    def _newest(self, session: Session, state: str) -> SigningKey | None:
+        order = SigningKey.activated_at if state == "active" else SigningKey.created_at
+        return session.scalars(
+            select(SigningKey)
+            .where(SigningKey.state == state, SigningKey.alg == self.alg)
+            .order_by(order.desc())
+            .limit(1)
+        ).first()
+
+    def ensure_next(self, session: Session) -> SigningKey:
+        """The published next key, created if there is none (so the next rotation can happen
+        without waiting for caches)."""
+        return self._newest(session, "next") or self.create(session, state="next")
+
+    def rotate(self, session: Session, *, force: bool = False) -> Rotation:
+        """Activate the next key and retire the active one; publish a new next key.
+
+        Refused (:class:`RotationRefused`) while the next key has been published for less than
+        :data:`PUBLISH_BEFORE_SIGNING`, unless ``force`` (then resource servers that cached the
+        JWKS refetch it on the unknown ``kid``). Decided by conditional updates, so two hosts
+        rotating at once activate one key."""
+        now = utcnow()
+        upcoming = self._newest(session, "next")
+        if upcoming is None:
+            upcoming = self.create(session, state="next")
+            if not force:
+                raise RotationRefused(
+                    f"no next key was published: published {upcoming.kid} now; rotate again "
+                    f"after {int(PUBLISH_BEFORE_SIGNING.total_seconds())} s (or --force)"
+                )
+        published = now - upcoming.created_at
+        if not force and published < PUBLISH_BEFORE_SIGNING:
+            wait = int((PUBLISH_BEFORE_SIGNING - published).total_seconds()) + 1
+            raise RotationRefused(
+                f"the next key {upcoming.kid} was published {int(published.total_seconds())} s "
+                f"ago; rotate again in {wait} s (or --force)"
+            )
+        previous = self._newest(session, "active")
+        won = rows_affected(
+            session,
+            update(SigningKey)
+            .where(SigningKey.kid == upcoming.kid, SigningKey.state == "next")
+            .values(state="active", activated_at=now),
+        )
+        if not won:
+            raise RotationRefused("another rotation is in progress")
+        retired_until = None
+        if previous is not None:
+            # Tokens signed until every worker has seen the rotation, plus their lifetime.
+            retired_until = now + dt.timedelta(seconds=self.access_ttl + ACTIVE_KEY_RECHECK + 60)
+            session.execute(
+                update(SigningKey)
+                .where(SigningKey.kid == previous.kid, SigningKey.state == "active")
+                .values(state="retired", retired_at=now, expires_at=retired_until)
+            )
+        fresh = self.create(session, state="next")
+        self._active = None
+        return Rotation(
+            active=upcoming.kid,
+            retired=previous.kid if previous else None,
+            retired_until=retired_until,
+            next=fresh.kid,
+        )
+
+    def rotate_if_older(self, session: Session, age: dt.timedelta) -> Rotation | None:
+        """Rotation by age: rotate when the active key is older than ``age`` and the next key
+        has been published long enough; ``None`` when nothing was due."""
+        active = self._newest(session, "active")
+        if active is None or active.activated_at is None:
+            return None
+        if utcnow() - active.activated_at < age:
+            return None
+        try:
+            return self.rotate(session)
+        except RotationRefused:
+            return None
 
     def active(self, session: Session) -> LoadedKey:
         """The key that signs now. Which key is active is re-read from the database at most every

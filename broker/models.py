@@ -1,7 +1,8 @@
 """The tables of the whole product (see DESIGN.md); columns fill in as capabilities land.
 
 Secrets: SHA-256 hashes for what is presented back to us (codes, refresh tokens, session ids,
-registration tokens), argon2id for client secrets, AES-GCM seals (``*_sealed``) for what we must
+registration tokens), salted HMAC-SHA256 for the client secrets we generate (argon2id for older
+ones and for passwords), AES-GCM seals (``*_sealed``) for what we must
 read again (private keys, upstream tokens, upstream PKCE verifiers and nonces).
 """
 
@@ -10,7 +11,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .db import Base, UTCDateTime, utcnow
@@ -52,6 +64,8 @@ class Client(Base):
     secret_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     allowed_providers: Mapped[list[str] | None] = mapped_column(JSON)
     allowed_resources: Mapped[list[str] | None] = mapped_column(JSON)
+    # A first-party static client: the consent screen is skipped for it.
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     client_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     registration_token_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -247,3 +261,26 @@ class AuditEvent(Base):
     reason: Mapped[str | None] = mapped_column(String(255))
     address: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class RateLimitCounter(Base):
+    """A fixed-window counter of a rate limit, when no Redis is configured (or it is down):
+    ``key`` names the limit, who is counted and the window."""
+
+    __tablename__ = "rate_limit_counters"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ClientMetadataFailure(Base):
+    """A Client ID Metadata Document that could not be fetched or was invalid: not fetched
+    again before ``retry_at`` (a failed fetch is cached briefly, never as a client)."""
+
+    __tablename__ = "client_metadata_failures"
+
+    client_id: Mapped[str] = mapped_column(URI, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64))
+    failed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    retry_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)

@@ -105,7 +105,7 @@ class ProviderRegistry:
         and each provider told what the configuration needs of it."""
         registry = cls.from_config(pm, settings.providers, base_dir=settings.base_dir)
         facts = {name: provider_facts(provider) for name, provider in registry.items()}
-        problems = policy.check_rules(settings, facts)
+        problems = policy.check_rules(settings, facts) + policy.check_claims(settings, facts)
         if problems:
             raise ConfigError(problems)
         for name, provider in registry.items():

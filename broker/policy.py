@@ -92,9 +92,30 @@ def check_rules(settings: Settings, facts_by_provider: Mapping[str, frozenset[st
     return problems
 
 
+def check_claims(settings: Settings, facts_by_provider: Mapping[str, frozenset[str]]) -> list[str]:
+    """Problems of ``resources[].claims``: a claim no provider allowed for the resource yields."""
+    problems: list[str] = []
+    for index, resource in enumerate(settings.resources):
+        names = [
+            name
+            for name in facts_by_provider
+            if resource.providers is None or name in resource.providers
+        ]
+        offered: set[str] = set().union(*(facts_by_provider[name] for name in names))
+        for claim in resource.claims:
+            if claim not in offered:
+                problems.append(
+                    f"resources[{index}].claims: {claim} is a fact none of its providers "
+                    f"({', '.join(names) or 'none'}) yields "
+                    f"(they yield: {', '.join(sorted(offered))})"
+                )
+    return problems
+
+
 def requirements(settings: Settings, provider: str, provider_facts: frozenset[str]) -> Requirements:
     """What the configuration needs of ``provider``: the facts the rules that can match its
-    identities read, and whether a resource obtains its upstream token (token exchange)."""
+    identities read and the claims its resources carry, and whether a resource obtains its
+    upstream token (token exchange)."""
     facts_by_provider: dict[str, frozenset[str]] = {
         name: frozenset() for name in settings.providers
     }
@@ -102,5 +123,8 @@ def requirements(settings: Settings, provider: str, provider_facts: frozenset[st
     for rule in settings.rules:
         if provider in _providers_of(rule, facts_by_provider):
             facts.update(key for key in rule.when if key in provider_facts)
+    for resource in settings.resources:
+        if resource.providers is None or provider in resource.providers:
+            facts.update(claim for claim in resource.claims if claim in provider_facts)
     offline = any(provider in resource.upstream_tokens for resource in settings.resources)
     return Requirements(facts=frozenset(facts), offline=offline)

@@ -2,7 +2,9 @@
 
 Nothing live is touched: a row goes only when it has expired (or its grant was revoked long
 enough ago that no client can still present anything of it). Clients from Client ID Metadata
-Documents are never purged here: their grants keep working after their cache expires.
+Documents are never purged here: their grants keep working after their cache expires. Rate-limit
+counters go once their window (and the next, which still reads them) is over; cached metadata
+document failures once they no longer hold a fetch back.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from .models import (
     AuthorizationCode,
     BrowserSession,
     Client,
+    ClientMetadataFailure,
     Grant,
     PendingLogin,
+    RateLimitCounter,
     RefreshToken,
     RevokedToken,
 )
@@ -56,6 +60,11 @@ def purge(
     # stolen token replayed later (the replay revokes the grant, RFC 9700 section 4.14.2).
     run("refresh_tokens", delete(RefreshToken).where(RefreshToken.expires_at < now))
     run("revoked_tokens", delete(RevokedToken).where(RevokedToken.expires_at < now))
+    run("rate_limit_counters", delete(RateLimitCounter).where(RateLimitCounter.expires_at < now))
+    run(
+        "client_metadata_failures",
+        delete(ClientMetadataFailure).where(ClientMetadataFailure.retry_at < now),
+    )
     run(
         "browser_sessions",
         delete(BrowserSession).where(

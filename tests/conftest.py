@@ -130,7 +130,7 @@ def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., F
     def make(**overrides: Any) -> Flask:
         settings = make_settings(**overrides)
         database = Database(settings.database_url)
-        upgrade(database.engine)
+        upgrade(database.engine, client_migrations=settings.client_migrations)
         database.dispose()
         app = create_app(settings)
         app.config["TESTING"] = True

@@ -13,6 +13,7 @@ from flask import Flask
 
 from tests.conftest import PASSWORDS
 from tests.support import free_port, login_form, unavailable
+from tests.test_ratelimit import RedisServer, redis6  # noqa: F401 - the Redis 6 fixture
 
 REDIS_URL = os.environ.get("BROKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -53,8 +54,9 @@ def test_failures_are_counted_in_redis_and_shared(
         assert response.status_code == 400
     cache = redis.Redis.from_url(REDIS_URL)
     try:
-        keys = cache.keys(redis_settings["redis_prefix"] + "*")
-        assert keys and all(0 < cache.ttl(k) <= 900 for k in keys)
+        keys = cache.keys(redis_settings["redis_prefix"] + "rl:login_failures:*")
+        # Every counter expires: kept through its 15-minute window and the next one.
+        assert keys and all(0 < cache.ttl(k) <= 1800 for k in keys)
         assert not any(b"alice" in k for k in keys)  # user names are hashed
         other, other_login, other_csrf = _form(second)
         blocked = other.post(
@@ -105,3 +107,94 @@ def test_redis_url_is_validated() -> None:
             env={},
         )
     assert "redis_url: must be a redis://, rediss:// or unix:// URL" in info.value.problems
+
+
+# -- Redis 6 (issue 11): the throttle counts there too -----------------------------------------
+
+
+def test_redis6_has_no_expire_nx(redis6: RedisServer) -> None:  # noqa: F811
+    """Why the throttle no longer uses ``EXPIRE ... NX``: Redis 6 refuses it, and the refusal
+    aborts the whole MULTI, so nothing at all was counted."""
+    import redis
+
+    cache = redis.Redis.from_url(redis6.url)
+    key = f"test-{secrets.token_hex(6)}"
+    try:
+        pipe = cache.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 60, nx=True)
+        with pytest.raises(redis.ResponseError):
+            pipe.execute()
+        assert cache.get(key) is None  # the INCR did not happen either
+    finally:
+        cache.delete(key)
+        cache.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_failures_are_counted_on_redis6(
+    make_app: Callable[..., Flask],
+    redis6: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import redis
+    from sqlalchemy import select
+
+    from broker.models import RateLimitCounter
+
+    prefix = f"test-{secrets.token_hex(6)}:"
+    app = make_app(redis_url=redis6.url, redis_prefix=prefix)
+    client, login_id, csrf = _form(app)
+    for _ in range(5):
+        response = client.post(
+            "/login/local",
+            data={"login": login_id, "csrf": csrf, "username": "alice", "password": "x"},
+        )
+        assert response.status_code == 400
+    blocked = client.post(
+        "/login/local",
+        data={"login": login_id, "csrf": csrf, "username": "alice", "password": PASSWORDS["alice"]},
+    )
+    assert blocked.status_code == 429
+    cache = redis.Redis.from_url(redis6.url)
+    try:
+        keys = cache.keys(prefix + "rl:login_failures:per_user:*")
+        assert len(keys) == 1 and int(cache.get(keys[0])) == 5  # counted in Redis 6
+    finally:
+        for key in cache.keys(prefix + "*"):
+            cache.delete(key)
+        cache.close()
+    with app.extensions["broker"].db.read() as session:
+        assert session.scalars(select(RateLimitCounter)).first() is None  # not in the database
+    assert "redis does not answer" not in caplog.text
+
+
+# -- the bound is sliding: a window boundary lets no burst through ---------------------------
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_failures_around_a_window_boundary_still_block(make_app: Callable[..., Flask]) -> None:
+    """Four failures at the very end of a 15-minute window and one at the start of the next
+    block the user: the current and the previous window are added up, so no 15-minute span
+    holds more than 5 failures (a single fixed window would allow 9 within a second)."""
+    from broker.ratelimit import RateLimiter
+    from broker.throttle import LoginThrottle
+    from tests.test_ratelimit import Clock
+
+    b = make_app().extensions["broker"]
+    clock = Clock(1_800_000_000.0 + 899.5)  # 1_800_000_000 starts a 900-second window
+    throttle = LoginThrottle(
+        limiter=RateLimiter(b.db, secret_key=b.settings.secret_key, clock=clock)
+    )
+    for _ in range(4):
+        throttle.record_failure("local:alice", "192.0.2.9")
+    clock.now += 1.0  # the next window
+    with b.db.read() as session:
+        assert not throttle.blocked(session, "local:alice", "192.0.2.9")
+    throttle.record_failure("local:alice", "192.0.2.9")
+    with b.db.read() as session:
+        assert throttle.blocked(session, "local:alice", "192.0.2.9")
+        assert not throttle.blocked(session, "local:bob", "192.0.2.10")
+    clock.now += 900  # the window of the four is no longer the previous one
+    with b.db.read() as session:
+        assert not throttle.blocked(session, "local:alice", "192.0.2.9")

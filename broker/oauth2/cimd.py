@@ -14,10 +14,19 @@ and uses it as the client's registration. Section numbers below are those of dra
   here (``none``); ``private_key_jwt`` is refused until it is implemented.
 - Section 5: 200 only, redirects are never followed; section 5.1: a failed fetch aborts the
   authorization request; section 5.2: cached per HTTP cache headers within bounds, errors and
-  invalid documents never cached.
+  invalid documents never cached as a client. A failed fetch or an invalid document is
+  remembered for ``failure_cache`` seconds in ``client_metadata_failures`` (its reason only, never
+  its content), so that a flood of authorization requests naming a broken or hostile document
+  does not make the broker fetch it again and again.
 - Section 8.6 (SSRF): the host is resolved once, every special-use address (RFC 6890 and the IANA
   special-purpose registries) is refused, and the connection goes to the address that was checked,
-  with TLS verified for the host name. Section 8.7: at most ``max_bytes`` are read.
+  with TLS verified for the host name. Section 8.7: at most ``max_bytes`` are read. Fetches are
+  limited per host (``rate_limits.client_metadata_fetch.per_host``), so the broker cannot be made
+  to hammer one host with documents at ever new paths; ``allowed_hosts`` (only these, when set) and
+  ``denied_hosts`` say whose documents may be fetched at all (``*.example.com``: its subdomains).
+- Section 8.6 also warns that error messages can reveal the internal network: the reason and the
+  detail of a :class:`CIMDError` are for the log and the audit trail; a page says only that the
+  client could not be verified.
 
 A failed refetch of a document that was valid before refuses the authorization request (the host
 stopped serving it) but keeps the ``clients`` row: grants already issued keep working at the token
@@ -46,12 +55,15 @@ import httpcore
 import httpx
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc7591.errors import InvalidRedirectURIError
+from sqlalchemy import delete
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..config import CIMDSettings, Settings
 from ..db import Database, utcnow
-from ..models import AuditEvent, Client
+from ..models import AuditEvent, Client, ClientMetadataFailure
+from ..ratelimit import RateLimiter
 from .clients import is_loopback_redirect
 from .rfc7591 import normalize_client_metadata
 
@@ -85,19 +97,39 @@ REASONS = frozenset(
         "secret_present",  # section 4.1: client_secret or private key material
         "unsupported_auth_method",  # section 4.1, and only public clients (none) for now
         "invalid_metadata",  # another RFC 7591 field the broker cannot use
+        "host_not_allowed",  # allowed_hosts is set and does not name the host
+        "host_denied",  # denied_hosts names the host
+        "rate_limited",  # too many fetches from the host (rate_limits.client_metadata_fetch)
     }
 )
+# Refusals about the document or its fetch, remembered for failure_cache seconds; the others
+# (configuration, the URL itself, the fetch limit) cost nothing to decide again.
+CACHED_REASONS = REASONS - {
+    "disabled",
+    "not_https",
+    "invalid_client_id_url",
+    "host_not_allowed",
+    "host_denied",
+    "rate_limited",
+}
 
 
 class CIMDError(Exception):
-    """A client identifier URL, its fetch or its document was refused; ``reason`` is one of
-    :data:`REASONS`, ``detail`` a description for the log (never the document's content)."""
+    """A client identifier URL, its fetch or its document was refused. ``reason`` (one of
+    :data:`REASONS`) and ``detail`` (never the document's content) are for the log and the audit
+    trail only: a page that named them would let anyone probe internal names and ports through
+    the broker (section 8.6). ``retry_after``: seconds until a fetch may be tried again, when the
+    refusal is the per-host limit."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, retry_after: int | None = None) -> None:
         assert reason in REASONS, reason
         super().__init__(reason)
         self.reason = reason
         self.detail = detail or reason
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail != self.reason else self.reason
 
 
 # -- Section 3: the Client Identifier URL ----------------------------------------------------
@@ -330,6 +362,9 @@ def validate_document(client_id: str, document: object) -> dict[str, Any]:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_CLIENT_NAME:
         raise CIMDError("invalid_client_name", "client_name must be a string of 1 to 200 chars")
     data = dict(document)
+    for key in HTTPS_ONLY_FIELDS:  # section 8.6: only URLs with a known, safe scheme are kept
+        if key in data and not (isinstance(data[key], str) and data[key].startswith("https://")):
+            del data[key]
     if "application_type" not in data:
         uris = data.get("redirect_uris")
         native = isinstance(uris, list) and any(
@@ -344,9 +379,6 @@ def validate_document(client_id: str, document: object) -> dict[str, Any]:
         raise CIMDError("invalid_redirect_uri", str(exc.description)) from None
     except OAuth2Error as exc:
         raise CIMDError("invalid_metadata", str(exc.description)) from None
-    for key in HTTPS_ONLY_FIELDS:  # section 8.6: only URLs with a known, safe scheme
-        if key in metadata and not str(metadata[key]).startswith("https://"):
-            del metadata[key]
     metadata["client_id"] = client_id
     metadata["client_name"] = name.strip()
     return metadata
@@ -665,18 +697,37 @@ class DocumentFetcher:
 # -- The service the /authorize view calls --------------------------------------------------
 
 
+def host_matches(host: str, patterns: Iterable[str]) -> bool:
+    """Whether ``host`` is one of ``patterns``: a host name, or ``*.example.com`` for every
+    subdomain of example.com (not example.com itself). Compared case-insensitively, without a
+    trailing dot."""
+    host = host.lower().rstrip(".")
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
 class ClientMetadataDocuments:
     """Clients identified by their metadata document: fetched at /authorize, kept as ``clients``
     rows of kind ``cimd`` whose ``expires_at`` says when to fetch again."""
 
     def __init__(
-        self, settings: Settings, db: Database, fetcher: DocumentFetcher | None = None
+        self,
+        settings: Settings,
+        db: Database,
+        fetcher: DocumentFetcher | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.fetcher = fetcher or DocumentFetcher(
             settings.client_metadata_documents, testing=settings.testing
         )
+        self.limiter = limiter or RateLimiter.for_settings(settings, db)
 
     @property
     def enabled(self) -> bool:
@@ -686,17 +737,34 @@ class ClientMetadataDocuments:
         """Make sure a fresh, validated row exists for ``client_id`` (a Client Identifier URL):
         refetch when the cached document expired. Call it outside any database transaction:
         the fetch never holds a database lock. Raises :class:`CIMDError` (section 5.1: the
-        authorization request is then aborted)."""
-        with self.db.session() as session:
+        authorization request is then aborted).
+
+        In order: an operator's client of that id is never fetched; the host must pass
+        ``allowed_hosts`` and ``denied_hosts`` (also for a document still cached, so that a
+        host the operator denies is refused at once); a fresh document is used; a failure
+        remembered less than ``failure_cache`` seconds ago is answered again without a fetch;
+        the per-host fetch limit; then the fetch."""
+        now = utcnow()
+        with self.db.read() as session:
             row = session.get(Client, client_id)
             kind = row.kind if row else None
             expires_at = row.expires_at if row else None
+            failure = session.get(ClientMetadataFailure, client_id)
+            cached = (failure.reason, failure.retry_at) if failure is not None else None
         if kind is not None and kind != "cimd":
             return  # an operator registered this URL as a client (section 7.2): no fetch
         if not self.enabled:
             raise CIMDError("disabled", "client metadata documents are disabled")
-        if kind == "cimd" and expires_at is not None and expires_at > utcnow():
+        host = (urlsplit(client_id).hostname or "").lower()
+        self._check_host(host)
+        if kind == "cimd" and expires_at is not None and expires_at > now:
             return
+        if cached is not None and cached[1] > now and cached[0] in REASONS:
+            reason, retry_at = cached
+            raise CIMDError(
+                reason, f"{reason} remembered: not fetched again before {retry_at:%X} UTC"
+            )
+        self._check_fetch_limit(host)
         try:
             fetched = self.fetcher.fetch(client_id)
             metadata = validate_document(client_id, fetched.document)
@@ -705,12 +773,49 @@ class ClientMetadataDocuments:
             raise
         self._store(client_id, metadata, fetched.lifetime, address)
 
+    def _check_host(self, host: str) -> None:
+        settings = self.settings.client_metadata_documents
+        if settings.allowed_hosts and not host_matches(host, settings.allowed_hosts):
+            raise CIMDError("host_not_allowed", f"{host} is not in allowed_hosts")
+        if host_matches(host, settings.denied_hosts):
+            raise CIMDError("host_denied", f"{host} is in denied_hosts")
+
+    def _check_fetch_limit(self, host: str) -> None:
+        rate = self.limiter.limit("client_metadata_fetch", "per_host")
+        if rate is None:
+            return
+        verdict = self.limiter.hit("client_metadata_fetch", "per_host", host, rate)
+        if verdict.allowed:
+            return
+        if verdict.count == rate.count + 1:  # once per window, not once per refused request
+            log.warning("client metadata documents: more than %s fetches from %s", rate, host)
+        raise CIMDError(
+            "rate_limited",
+            f"more than {rate} fetches from {host}",
+            retry_after=verdict.retry_after,
+        )
+
     def _refused(self, client_id: str, exc: CIMDError, address: str | None, known: bool) -> None:
-        # Never cached (section 5.2): nothing changes on the row, so the next request refetches.
-        # A known client keeps its row so that its grants keep working at the token endpoint.
+        # Never cached as a client (section 5.2): nothing changes on the row. A known client keeps
+        # its row so that its grants keep working at the token endpoint. The failure itself is
+        # remembered briefly, so that a flood does not refetch it.
         level = logging.WARNING if known else logging.INFO
         log.log(level, "client metadata document refused (%s): %s", exc.reason, exc.detail)
+        seconds = self.settings.client_metadata_documents.failure_cache
         with self.db.session() as session:
+            if exc.reason in CACHED_REASONS and seconds > 0:
+                now = utcnow()
+                insert = sqlite.insert if self.db.is_sqlite else postgresql.insert
+                values = {
+                    "reason": exc.reason,
+                    "failed_at": now,
+                    "retry_at": now + dt.timedelta(seconds=seconds),
+                }
+                session.execute(
+                    insert(ClientMetadataFailure)
+                    .values(client_id=client_id, **values)
+                    .on_conflict_do_update(index_elements=["client_id"], set_=values)
+                )
             session.add(
                 AuditEvent(
                     type="register",
@@ -746,6 +851,9 @@ class ClientMetadataDocuments:
         address: str | None,
     ) -> None:
         now = utcnow()
+        session.execute(
+            delete(ClientMetadataFailure).where(ClientMetadataFailure.client_id == client_id)
+        )
         row = session.get(Client, client_id)
         event: str | None = None
         if row is None:

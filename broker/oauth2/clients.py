@@ -3,12 +3,20 @@
 Redirect URIs match exactly (OAuth 2.1 section 4.1.1, RFC 9700 section 4.1.3), with one exception
 (RFC 8252 section 7.3): for a registered loopback URI (``http://127.0.0.1``, ``http://[::1]`` and
 ``http://localhost``) any port is accepted, scheme, host, path and query still exact.
+
+A URI with user info (``https://app.example.com@evil.example/cb``: RFC 3986 section 3.2.1 reads the
+host after the ``@``), with a backslash (``https://evil.example\\@app.example.com/cb``: WHATWG URL
+parsers, and so browsers, read ``\\`` as ``/`` and the host as ``evil.example``, while RFC 3986
+parsers read user info), or with a character outside printable ASCII (browsers drop tabs and
+newlines before parsing) never matches, the loopback rule included: the broker and the browser
+could disagree about where it leads (RFC 9700 section 4.1.3).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +27,26 @@ from ..crypto import verify_password
 from ..models import Client
 
 LOOPBACK_HOSTS = ("127.0.0.1", "[::1]", "localhost")
+SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+_AUTHORITY_END = re.compile(r"[/?#]")
+# WHATWG URL "special" schemes: browsers find their authority after any number of slashes.
+_SPECIAL_SCHEMES = frozenset({"http", "https", "ws", "wss", "ftp", "file"})
+
+
+def redirect_uri_problem(uri: str) -> str | None:
+    """Why ``uri`` can never be a redirect target (see the module docstring), or ``None``. For
+    http(s) the authority is read as browsers read it, after the scheme and any number of
+    slashes (``http:evil@host`` is ``http://evil@host`` to them)."""
+    if any(not 0x21 <= ord(c) <= 0x7E for c in uri):
+        return "a character outside printable ASCII"
+    if "\\" in uri:
+        return "a backslash"
+    scheme, _, rest = uri.partition(":")
+    if scheme.lower() in _SPECIAL_SCHEMES:
+        rest = "//" + rest.lstrip("/")
+    if rest.startswith("//") and "@" in _AUTHORITY_END.split(rest[2:], maxsplit=1)[0]:
+        return "user info"
+    return None
 
 
 def _split(uri: str) -> tuple[str, str, int | None, str, str, str] | None:
@@ -38,6 +66,8 @@ def is_loopback_redirect(uri: str) -> bool:
 
 
 def redirect_uri_matches(registered: str, requested: str) -> bool:
+    if redirect_uri_problem(requested) is not None or redirect_uri_problem(registered) is not None:
+        return False
     if registered == requested:
         return True
     reg, req = _split(registered), _split(requested)
@@ -78,7 +108,11 @@ class OAuthClient(ClientMixin):  # type: ignore[misc]
     def get_default_redirect_uri(self) -> str | None:
         # OAuth 2.1 section 2.3.1: a client with one registered URI may omit redirect_uri.
         uris = self.row.redirect_uris
-        if len(uris) == 1 and not is_loopback_redirect(uris[0]):
+        if (
+            len(uris) == 1
+            and not is_loopback_redirect(uris[0])
+            and not redirect_uri_problem(uris[0])
+        ):
             return uris[0]
         return None
 
@@ -95,8 +129,13 @@ class OAuthClient(ClientMixin):  # type: ignore[misc]
         return verify_password(self.row.secret_hash, client_secret)
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        """RFC 6749 section 2.3.1: a client with a secret may send it either way (Basic or in
+        the body); a public client only as ``none``."""
         if endpoint == "token":
-            return method == self.row.token_endpoint_auth_method
+            registered = self.row.token_endpoint_auth_method
+            if registered in SECRET_METHODS:
+                return method in SECRET_METHODS
+            return method == registered
         return True
 
     def check_response_type(self, response_type: str) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from authlib.oauth2.rfc6749 import grants
-from authlib.oauth2.rfc6749.errors import InvalidGrantError
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from sqlalchemy import select, update
 
 from ..crypto import token_hash
@@ -83,6 +83,22 @@ def _live_grant(session: Any, grant_id: str) -> Grant | None:
 class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
     TOKEN_ENDPOINT_AUTH_METHODS = CLIENT_AUTH_METHODS
     AUTHORIZATION_CODE_LENGTH = 43
+
+    @staticmethod
+    def validate_authorization_redirect_uri(request: Any, client: Any) -> str:
+        """RFC 6749 section 3.1.2.4: an unregistered redirect URI is an error shown to the user,
+        never a redirect. The description is fixed: a request value never goes into an
+        ``error_description`` (section 5.2 allows only printable ASCII there, and the value is
+        the attacker's)."""
+        redirect_uri = request.payload.redirect_uri
+        if redirect_uri:
+            if not client.check_redirect_uri(redirect_uri):
+                raise InvalidRequestError("The redirect URI is not registered for this client.")
+            return str(redirect_uri)
+        default = client.get_default_redirect_uri()
+        if not default:
+            raise InvalidRequestError("The redirect_uri parameter is missing.")
+        return str(default)
 
     def validate_authorization_request(self) -> str:
         redirect_uri: str = super().validate_authorization_request()
@@ -216,12 +232,19 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         return GrantUser(refresh_token.grant)
 
     def issue_token(self, user: GrantUser, refresh_token: RefreshCredential) -> dict[str, Any]:
-        if refresh_token.grace_successor is None:
-            token: dict[str, Any] = super().issue_token(user, refresh_token)
-            return token
-        scope = self.request.payload.scope or refresh_token.get_scope()
-        token = self.generate_token(user=user, scope=scope, include_refresh_token=False)
-        token["refresh_token"] = refresh_token.grace_successor
+        """RFC 6749 section 6: the requested ``scope`` MUST NOT include any scope not originally
+        granted (Authlib's check answers ``invalid_scope`` before this runs), and "if omitted is
+        treated as equal to the scope originally granted". A scope of only spaces is omitted, not
+        an empty scope (a token without the resource's required scopes), and the granted scope
+        is written once per scope, space-separated (section 3.3)."""
+        asked = " ".join(dict.fromkeys((self.request.payload.scope or "").split()))
+        scope = asked or refresh_token.get_scope()
+        rotate = refresh_token.grace_successor is None
+        token: dict[str, Any] = self.generate_token(
+            user=user, scope=scope, include_refresh_token=rotate
+        )
+        if not rotate:  # a parallel refresh within the grace window: the same successor
+            token["refresh_token"] = refresh_token.grace_successor
         return token
 
     def revoke_old_credential(self, refresh_token: RefreshCredential) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from authlib.oauth2.rfc6749 import InvalidRequestError
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 
 from .tokens import KnownToken, OwnTokenLookup
@@ -16,6 +17,13 @@ from .tokens import KnownToken, OwnTokenLookup
 
 class TokenIntrospection(OwnTokenLookup, IntrospectionEndpoint):  # type: ignore[misc]
     CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
+
+    def check_params(self, request: Any, client: Any) -> None:
+        """Section 2.1: ``token`` is required; ``token_type_hint`` is only a hint ("if the server
+        is unable to locate the token using the given hint, it MUST extend its search"), so an
+        unknown hint is ignored rather than ``unsupported_token_type``."""
+        if "token" not in request.form:
+            raise InvalidRequestError()
 
     def check_permission(self, token: KnownToken, client: Any, request: Any) -> bool:
         return bool(token.client_id == client.get_client_id())

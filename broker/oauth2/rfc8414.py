@@ -9,6 +9,7 @@ from its protected resource metadata.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,24 +17,29 @@ from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 from authlib.oauth2.rfc9207 import AuthorizationServerMetadata as IssMetadata
 
 from ..config import Settings
+from .server import BrokerAuthorizationServer
 
 WELL_KNOWN_NAMES = ("oauth-authorization-server", "openid-configuration")
 
 
-def server_metadata(settings: Settings) -> dict[str, Any]:
+def server_metadata(settings: Settings, grant_types: Sequence[str] | None = None) -> dict[str, Any]:
+    """The metadata document; ``grant_types`` are those of the running server
+    (:meth:`BrokerAuthorizationServer.grant_types_supported`), by default the grants every
+    broker server registers."""
+    if grant_types is None:
+        grant_types = [grant.GRANT_TYPE for grant in BrokerAuthorizationServer.TOKEN_GRANTS]
     issuer = settings.issuer
     metadata = AuthorizationServerMetadata(
         {
             "issuer": issuer,
             "authorization_endpoint": f"{issuer}/authorize",
             "token_endpoint": f"{issuer}/token",
-            "registration_endpoint": f"{issuer}/register",
             "revocation_endpoint": f"{issuer}/revoke",
             "introspection_endpoint": f"{issuer}/introspect",
             "jwks_uri": f"{issuer}/jwks.json",
             "response_types_supported": ["code"],
             "response_modes_supported": ["query"],
-            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "grant_types_supported": list(grant_types),
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": [
                 "none",
@@ -54,6 +60,8 @@ def server_metadata(settings: Settings) -> dict[str, Any]:
             "client_id_metadata_document_supported": settings.client_metadata_documents.enabled,
         }
     )
+    if settings.registration_enabled:  # RFC 8414 section 2: OPTIONAL; absent when switched off
+        metadata["registration_endpoint"] = f"{issuer}/register"
     metadata.validate(metadata_classes=[IssMetadata])
     return dict(metadata)
 

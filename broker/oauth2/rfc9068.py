@@ -10,12 +10,41 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 
+from providers.contract import Identity
+
 from ..keys import LoadedKey
+
+SINGLE_VALUED_FACTS = frozenset(
+    {"provider", "subject", "username", "name", "email", "email_domain", "hosted_domain"}
+)
+CLAIM_NAMES = {"username": "preferred_username", "subject": "upstream_sub"}
+"""Facts whose token claim has another name: OIDC's ``preferred_username``, and the upstream's
+own subject, which must not be confused with the broker's ``sub``."""
+
+
+def identity_claims(identity: Identity, names: tuple[str, ...]) -> dict[str, Any]:
+    """The identity claims a resource may see (``resources[].claims``; RFC 9068 section 2.2.3.1
+    allows identity claims such as ``groups`` and ``roles``): each named fact the identity
+    declares, a string for a single-valued fact, ``email_verified`` a boolean, others lists.
+    ``email`` is present only when verified, as the facts say."""
+    facts = identity.facts()
+    claims: dict[str, Any] = {}
+    for name in names:
+        values = sorted(facts.get(name, ()))
+        if name == "email_verified":
+            claims[name] = identity.email_verified
+        elif name in SINGLE_VALUED_FACTS:
+            if values:
+                claims[CLAIM_NAMES.get(name, name)] = values[0]
+        else:
+            claims[name] = values
+    return claims
 
 
 @dataclass(frozen=True)
@@ -25,8 +54,9 @@ class AccessTokenClaims:
     audience: str
     client_id: str
     scope: str
-    auth_time: int
+    auth_time: int | None
     lifetime: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def issue_access_token(
@@ -43,9 +73,12 @@ def issue_access_token(
         "iat": now,
         "nbf": now,
         "exp": now + claims.lifetime,
-        "auth_time": claims.auth_time,
         "jti": secrets.token_urlsafe(16),
     }
+    if claims.auth_time is not None:
+        payload["auth_time"] = claims.auth_time
+    for name, value in claims.extra.items():
+        payload.setdefault(name, value)  # never over a registered claim
     token = jwt.encode(
         payload, key.private_key, algorithm=key.alg, headers={"typ": "at+jwt", "kid": key.kid}
     )

@@ -3,10 +3,16 @@
 Requests arrive as Werkzeug request objects passed in explicitly (no Flask globals); the database
 session of the current request travels in a context variable set by the caller with
 :meth:`BrokerAuthorizationServer.request_state`.
+
+Client authentication (RFC 6749 section 2.3.1): HTTP Basic credentials are checked strictly here,
+once, for every endpoint that authenticates clients (token, revocation, introspection); malformed
+ones are ``invalid_client`` with 401 (section 5.2), never a server error.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
 import datetime as dt
 import json
@@ -15,20 +21,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from authlib.oauth2.rfc6749 import AuthorizationServer, JsonRequest, OAuth2Request
+from authlib.oauth2.rfc6749.errors import InvalidClientError
 from authlib.oauth2.rfc6749.requests import JsonPayload, OAuth2Payload
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 from werkzeug.wrappers import Request, Response
 
+from providers.contract import Identity as UpstreamIdentity
+
 from ..config import Settings
 from ..crypto import Sealer, new_token, token_hash
 from ..db import Database, utcnow
 from ..keys import KeyRing
-from ..models import AuditEvent, Client, Grant, RefreshToken
+from ..models import AuditEvent, Client, Grant, Identity, RefreshToken
+from .client_credentials import ClientCredentialsGrant, ClientSubject
 from .clients import OAuthClient
 from .rfc6749 import (
     AuthorizationCodeGrant,
@@ -38,7 +48,7 @@ from .rfc6749 import (
     successor_aad,
 )
 from .rfc7636 import S256CodeChallenge
-from .rfc9068 import AccessTokenClaims, issue_access_token
+from .rfc9068 import AccessTokenClaims, identity_claims, issue_access_token
 from .rfc9207 import IssuerParameter
 
 log = logging.getLogger(__name__)
@@ -114,16 +124,57 @@ class _JsonPayload(JsonPayload):  # type: ignore[misc]
         return self._data
 
 
+def basic_credentials(headers: Any) -> tuple[str, str] | None:
+    """The client id and secret of an ``Authorization: Basic`` header (RFC 6749 section 2.3.1:
+    each form-urlencoded, then RFC 7617 section 2: base64 of ``id:secret``), or ``None`` when the
+    request has no Basic credentials. Raises ``invalid_client`` (401) when they are malformed:
+    not base64, not UTF-8, no colon, or an empty id or secret."""
+    header = headers.get("Authorization") if headers is not None else None
+    if not header:
+        return None
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        client_id, colon, secret = decoded.partition(":")
+        client_id, secret = unquote(client_id, errors="strict"), unquote(secret, errors="strict")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        colon = ""
+    if not colon or not client_id or not secret:
+        log.info("client authentication refused: malformed HTTP Basic credentials")
+        raise InvalidClientError(
+            status_code=401, description="The HTTP Basic client credentials are malformed."
+        )
+    return client_id, secret
+
+
 class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
+    # OAuth 2.1: the code grant with PKCE, refresh with rotation, client credentials for agents.
+    TOKEN_GRANTS = (AuthorizationCodeGrant, RefreshTokenGrant, ClientCredentialsGrant)
+
     def __init__(self, settings: Settings, db: Database, keys: KeyRing, sealer: Sealer) -> None:
         super().__init__(scopes_supported=None)
         self.settings = settings
         self.db = db
         self.keys = keys
         self.sealer = sealer
-        self.register_grant(AuthorizationCodeGrant, [S256CodeChallenge()])
-        self.register_grant(RefreshTokenGrant)
+        for grant in self.TOKEN_GRANTS:
+            # PKCE, S256 only, belongs to the code grant (OAuth 2.1 section 4.1.1).
+            pkce = [S256CodeChallenge()] if grant is AuthorizationCodeGrant else None
+            self.register_grant(grant, pkce)
         self.register_extension(IssuerParameter(settings.issuer))
+
+    def grant_types_supported(self) -> list[str]:
+        """The ``grant_type`` values of the registered token grants (RFC 8414 section 2)."""
+        return [grant.GRANT_TYPE for grant, _ in self._token_grants]
+
+    def authenticate_client(self, request: Any, methods: list[str], endpoint: str = "token") -> Any:
+        """RFC 6749 section 2.3: Authlib's methods, after a strict check of HTTP Basic
+        credentials. A malformed Basic header is ``invalid_client`` whatever else the request
+        carries (section 2.3: one authentication method per request)."""
+        basic_credentials(request.headers)
+        return super().authenticate_client(request, methods, endpoint)
 
     # -- request context ------------------------------------------------------------------
 
@@ -227,25 +278,39 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         self,
         grant_type: str,
         client: OAuthClient,
-        user: GrantUser | None = None,
+        user: GrantUser | ClientSubject | None = None,
         scope: str | None = None,
         expires_in: int | None = None,
         include_refresh_token: bool = True,
     ) -> dict[str, Any]:
-        assert user is not None
-        grant = user.grant
+        """An RFC 9068 access token for a user's grant, or for the client itself (client
+        credentials: ``sub`` is the client id, section 2.2, and there is no refresh token)."""
+        extra: dict[str, Any] = {}
+        auth_time: int | None
+        if isinstance(user, GrantUser):
+            subject, audience = user.grant.user_id, user.grant.resource
+            auth_time = int(user.grant.auth_time.timestamp())
+            extra = self._identity_claims(user.grant)
+        elif isinstance(user, ClientSubject):
+            # The client authenticated with this very request; no user, so no auth_time and
+            # no identity claims (RFC 9068 section 2.2: auth_time is about an end user).
+            subject, audience, auth_time = user.client_id, user.resource, None
+            include_refresh_token = False
+        else:
+            raise TypeError(f"no token subject for the {grant_type} grant")
         lifetime = expires_in or self.settings.tokens.access_ttl
         key = self.keys.active(self.state().session)
         access_token, _ = issue_access_token(
             key,
             AccessTokenClaims(
                 issuer=self.settings.issuer,
-                subject=grant.user_id,
-                audience=grant.resource,
+                subject=subject,
+                audience=audience,
                 client_id=client.get_client_id(),
                 scope=scope or "",
-                auth_time=int(grant.auth_time.timestamp()),
+                auth_time=auth_time,
                 lifetime=lifetime,
+                extra=extra,
             ),
         )
         token: dict[str, Any] = {
@@ -257,6 +322,17 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         if include_refresh_token:
             token["refresh_token"] = new_token(32)
         return token
+
+    def _identity_claims(self, grant: Grant) -> dict[str, Any]:
+        """The identity claims the grant's resource may see (``resources[].claims``), from the
+        stored identity: what the last sign-in or re-check saw. Nothing when none are listed."""
+        resource = self.settings.resource(grant.resource)
+        if resource is None or not resource.claims or grant.identity_id is None:
+            return {}
+        row = self.state().session.get(Identity, grant.identity_id)
+        if row is None:
+            return {}
+        return identity_claims(UpstreamIdentity.from_snapshot(row.snapshot), resource.claims)
 
     def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
         state = self.state()
@@ -276,6 +352,18 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             row.last_used_at = now
             if row.kind == "dcr":  # an unused registration expires; a used one lives on
                 row.expires_at = now + ttl
+        if isinstance(request.user, ClientSubject):
+            session.add(
+                AuditEvent(
+                    type="issue",
+                    outcome="success",
+                    client_id=request.user.client_id,
+                    resource=request.user.resource,
+                    address=state.address,
+                    details={"grant_type": "client_credentials", "scope": token.get("scope", "")},
+                )
+            )
+            return
         plaintext = token.get("refresh_token")
         credential: RefreshCredential | None = getattr(request, "refresh_token", None)
         if credential is not None and credential.grace_successor is not None:

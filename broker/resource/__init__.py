@@ -4,6 +4,7 @@
 - `metadata`: the RFC 9728 protected resource metadata document and its well-known paths;
 - `challenges`: RFC 6750 / RFC 9728 `WWW-Authenticate: Bearer` values;
 - `wsgi`: a WSGI middleware putting these together for servers without the MCP SDK;
+- `exchange`: RFC 8693 token exchange of the caller's broker token for their upstream token;
 - `mcp`: the adapter for the MCP Python SDK (needs the `mcp` package, imported on first use).
 
 The core needs only PyJWT and cryptography. See docs/resource-kit.md.
@@ -19,6 +20,13 @@ from .challenges import (
     invalid_token_challenge,
     missing_token_challenge,
 )
+from .exchange import (
+    ExchangeError,
+    ExchangeRefused,
+    ExchangeUnavailable,
+    UpstreamToken,
+    UpstreamTokenClient,
+)
 from .metadata import WELL_KNOWN_PATH, ResourceMetadata
 from .verifier import (
     DEFAULT_ALGORITHMS,
@@ -33,12 +41,21 @@ from .verifier import (
 from .wsgi import ProtectedResource
 
 if TYPE_CHECKING:
-    from .mcp import MCPTokenVerifier, add_bare_metadata_route, auth_settings, current_token
+    from .mcp import (
+        MCPTokenVerifier,
+        add_bare_metadata_route,
+        auth_settings,
+        current_token,
+        upstream_token,
+    )
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
     "WELL_KNOWN_PATH",
     "BrokerTokenVerifier",
+    "ExchangeError",
+    "ExchangeRefused",
+    "ExchangeUnavailable",
     "InsufficientScope",
     "InvalidToken",
     "KeysUnavailable",
@@ -46,6 +63,8 @@ __all__ = [
     "ProtectedResource",
     "RemoteKeySet",
     "ResourceMetadata",
+    "UpstreamToken",
+    "UpstreamTokenClient",
     "VerifiedToken",
     "add_bare_metadata_route",
     "auth_settings",
@@ -55,10 +74,17 @@ __all__ = [
     "invalid_token_challenge",
     "missing_token_challenge",
     "require_scopes",
+    "upstream_token",
 ]
 
 _MCP_NAMES = frozenset(
-    {"MCPTokenVerifier", "add_bare_metadata_route", "auth_settings", "current_token"}
+    {
+        "MCPTokenVerifier",
+        "add_bare_metadata_route",
+        "auth_settings",
+        "current_token",
+        "upstream_token",
+    }
 )
 
 

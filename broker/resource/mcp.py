@@ -10,6 +10,10 @@ MCP authorization spec: "MCP servers MUST validate that access tokens were issue
 for them as the intended audience" - `aud` is checked by the verifier, and again by the SDK
 against `AccessToken.resource` (`validate_token_resource=True`).
 
+`upstream_token(client, provider)` is the RFC 8693 token exchange in one call for a tool: the
+caller's upstream token (Atlassian, GitHub...) in exchange for the broker token of the current
+request, never by passing that token on (see `exchange`).
+
 This module needs the `mcp` package; `broker.resource` itself does not import it.
 """
 
@@ -23,6 +27,7 @@ from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 
+from .exchange import UpstreamToken, UpstreamTokenClient
 from .metadata import WELL_KNOWN_PATH, ResourceMetadata
 from .verifier import BrokerTokenVerifier, InvalidToken, VerifiedToken
 
@@ -31,7 +36,13 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-__all__ = ["MCPTokenVerifier", "add_bare_metadata_route", "auth_settings", "current_token"]
+__all__ = [
+    "MCPTokenVerifier",
+    "add_bare_metadata_route",
+    "auth_settings",
+    "current_token",
+    "upstream_token",
+]
 
 
 class MCPTokenVerifier:
@@ -91,6 +102,23 @@ def auth_settings(
 def current_token() -> AccessToken | None:
     """The caller's access token inside a tool, resource or prompt; None without one."""
     return get_access_token()
+
+
+async def upstream_token(client: UpstreamTokenClient, provider: str) -> UpstreamToken:
+    """The caller's upstream token for `provider` inside a tool, by token exchange (RFC 8693)
+    of the current request's broker token; from `client`'s cache while it is fresh, otherwise
+    asked of the broker in a worker thread (the event loop never waits on the network).
+
+    Raises `ExchangeRefused` (`sign_in_required` when the user must sign in with the provider
+    again) or `ExchangeUnavailable`; `RuntimeError` outside a request the SDK authenticated.
+    """
+    token = get_access_token()
+    if token is None:
+        raise RuntimeError("upstream_token() needs a request authenticated with a broker token")
+    hit = client.cached(token.token, provider)
+    if hit is not None:
+        return hit
+    return await anyio.to_thread.run_sync(client.exchange, token.token, provider)
 
 
 def add_bare_metadata_route(server: MCPServer[Any], metadata: ResourceMetadata) -> None:

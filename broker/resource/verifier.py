@@ -109,6 +109,67 @@ class KeysUnavailable(Exception):
 # -- the result -----------------------------------------------------------------------------------
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(item for item in value if isinstance(item, str))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIdentity:
+    """Who the user is, as far as this MCP server may know: the identity claims the broker put
+    in the token for this resource (its `resources[].claims`; nothing beyond the RFC 9068 claims
+    by default). A claim the resource may not see is absent here: `None` or empty. `email` is
+    only ever a verified one. `other` holds further facts (a provider's own, such as
+    `client_roles`), by claim name."""
+
+    provider: str | None = None
+    preferred_username: str | None = None
+    name: str | None = None
+    email: str | None = None
+    email_verified: bool | None = None
+    groups: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    orgs: tuple[str, ...] = ()
+    teams: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+    sites: tuple[str, ...] = ()
+    hosted_domain: str | None = None
+    other: Mapping[str, Any] = field(default_factory=dict)
+
+    _STRINGS = ("provider", "preferred_username", "name", "email", "hosted_domain")
+    _LISTS = ("groups", "roles", "orgs", "teams", "tenants", "sites")
+    _REGISTERED = frozenset(
+        {"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "scope", "auth_time"}
+    )
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any]) -> TokenIdentity:
+        verified = claims.get("email_verified")
+        known = {*cls._STRINGS, *cls._LISTS, "email_verified"}
+        return cls(
+            provider=_text(claims.get("provider")),
+            preferred_username=_text(claims.get("preferred_username")),
+            name=_text(claims.get("name")),
+            email=_text(claims.get("email")),
+            email_verified=verified if isinstance(verified, bool) else None,
+            groups=_texts(claims.get("groups")),
+            roles=_texts(claims.get("roles")),
+            orgs=_texts(claims.get("orgs")),
+            teams=_texts(claims.get("teams")),
+            tenants=_texts(claims.get("tenants")),
+            sites=_texts(claims.get("sites")),
+            hosted_domain=_text(claims.get("hosted_domain")),
+            other=MappingProxyType(
+                {k: v for k, v in claims.items() if k not in known and k not in cls._REGISTERED}
+            ),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
     """A validated access token: who (`subject`), through which client, for what (`scopes`)."""
@@ -126,6 +187,11 @@ class VerifiedToken:
 
     def has_scopes(self, scopes: Iterable[str]) -> bool:
         return set(scopes).issubset(self.scopes)
+
+    @property
+    def identity(self) -> TokenIdentity:
+        """The identity claims this resource may see (see :class:`TokenIdentity`)."""
+        return TokenIdentity.from_claims(self.claims)
 
 
 def require_scopes(token: VerifiedToken, scopes: Iterable[str]) -> None:

@@ -1,4 +1,10 @@
-"""Thin blueprints; the protocol lives in ``broker.oauth2`` and ``broker.flow``."""
+"""Thin blueprints; the protocol lives in ``broker.oauth2`` and ``broker.flow``.
+
+App-wide, before any view: dynamic registration switched off answers 404 for ``/register``; the
+per-address rate limits of the OAuth endpoints (``rate_limits.<endpoint>.per_address``, one
+mechanism: :mod:`broker.ratelimit`); a body larger than allowed is refused with 413 before it is
+read. After every request: security headers and CORS.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,20 @@ import logging
 
 from flask import Flask, request
 from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
+from .. import get_broker
+from ..ratelimit import RateLimiter, address_subject
 from . import health, login, oauth, well_known
-from ._web import error_page, json_error
+from ._web import (
+    RATE_LIMITER,
+    body_too_large,
+    error_page,
+    json_error,
+    limiter,
+    too_many_requests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +40,20 @@ API_PATHS = (
     "/ready",
 )
 CORS_PATHS = ("/token", "/register", "/revoke", "/.well-known", "/jwks.json")
+
+RATE_LIMITED = {
+    # endpoint: (name of its limits in rate_limits, the methods counted); OPTIONS preflights
+    # and methods an endpoint refuses with 405 (ChatGPT's GET /register) are not counted.
+    "oauth.register": ("register", ("POST",)),
+    "oauth.authorize": ("authorize", ("GET",)),
+    "oauth.token": ("token", ("POST",)),
+    "oauth.revoke": ("revoke", ("POST",)),
+    "oauth.introspect": ("introspect", ("POST",)),
+}
+REGISTRATION_OFF = (
+    "Dynamic client registration is turned off on this server: use a pre-registered client "
+    "or a client ID metadata document."
+)
 
 # Pages: no framing (clickjacking on the consent page), no inline script, no referrer leaks of
 # codes or states. form-action is left open: Chromium applies it to the redirect that follows a
@@ -42,6 +71,47 @@ def _is_api() -> bool:
 def init_app(app: Flask) -> None:
     for module in (well_known, oauth, login, health):
         app.register_blueprint(module.bp)
+    _init_rate_limits(app)
+
+    @app.before_request
+    def registration_switch() -> Response | None:
+        # RFC 7591 has no error for "no registration here"; the endpoint does not exist, and
+        # the metadata does not advertise it (RFC 8414 section 2: registration_endpoint).
+        if request.path == "/register" and not get_broker(app).settings.registration_enabled:
+            return json_error(404, "not_found", REGISTRATION_OFF)
+        return None
+
+    @app.before_request
+    def per_address_limits() -> Response | None:
+        name, methods = RATE_LIMITED.get(request.endpoint or "", ("", ()))
+        if request.method not in methods:
+            return None
+        rates = limiter()
+        rate = rates.limit(name, "per_address")
+        if rate is None:
+            return None
+        verdict = rates.hit(name, "per_address", address_subject(request.remote_addr), rate)
+        if verdict.allowed:
+            return None
+        if verdict.count == rate.count + 1:  # once per window and address, never the address
+            log.warning("rate limit %s.per_address (%s) reached", name, rate)
+        return too_many_requests(verdict, api=_is_api())
+
+    @app.before_request
+    def body_size() -> None:
+        # Refused before any view reads it. A chunked body has no Content-Length, and Werkzeug
+        # silently cuts it off at the limit: read one byte more than allowed (kept for the
+        # view) to know.
+        length, limit = request.content_length, request.max_content_length
+        if limit is None:
+            return
+        if length is not None and length > limit:
+            raise body_too_large(limit)
+        if length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            request.max_content_length = limit + 1
+            if len(request.get_data(cache=True)) > limit:
+                raise body_too_large(limit)
+            request.max_content_length = limit
 
     @app.after_request
     def security_headers(response: Response) -> Response:
@@ -57,23 +127,27 @@ def init_app(app: Flask) -> None:
                 "Authorization, Content-Type, MCP-Protocol-Version"
             )
             headers["Access-Control-Max-Age"] = "86400"
+            headers["Access-Control-Expose-Headers"] = "Retry-After"
         return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
+        description = exc.description or ""
+        if status == 413 and description == RequestEntityTooLarge.description:
+            description = body_too_large().description or ""  # raised by Werkzeug itself
         if _is_api():
-            error = {
-                404: "not_found",
-                405: "invalid_request",
-                413: "invalid_request",
-                400: "invalid_request",
-            }.get(status, "invalid_request")
-            response = json_error(status, error, exc.description if status != 500 else None)
+            error = {404: "not_found"}.get(status, "invalid_request")
+            response = json_error(status, error, description if status != 500 else None)
         else:
-            response = error_page(status, exc.name, exc.description or "")
+            response = error_page(status, exc.name, description)
         if status == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
+        if status == 413:
+            # The rest of the body was never read: on a kept-alive connection the server would
+            # parse it as the next request. (gunicorn drops this header and drains or closes by
+            # itself; the development server and other WSGI servers close on it.)
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(OperationalError)
@@ -106,3 +180,13 @@ def init_app(app: Flask) -> None:
         if _is_api():
             return json_error(500, "server_error")
         return error_page(500, "Something went wrong", "The error was logged. Please try again.")
+
+
+def _init_rate_limits(app: Flask) -> None:
+    """One :class:`RateLimiter` per app, shared by the endpoint limits, the metadata-document
+    fetch limit and the login throttle (and with the throttle's Redis client)."""
+    b = get_broker(app)
+    rates = RateLimiter.for_settings(b.settings, b.db, redis=b.throttle.redis)
+    app.extensions[RATE_LIMITER] = rates
+    b.throttle.attach(rates)
+    b.cimd.limiter = rates

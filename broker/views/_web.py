@@ -12,11 +12,13 @@ from typing import Any
 from flask import current_app, render_template, request
 from itsdangerous import BadSignature, Signer
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
 from .. import Broker, get_broker
 from ..crypto import derive_key, token_hash
 from ..oauth2.server import RequestState
+from ..ratelimit import TOO_MANY_REQUESTS, RateLimiter, Verdict
 
 BROWSER_COOKIE = "broker_browser"
 SESSION_COOKIE = "broker_session"
@@ -25,6 +27,15 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 def broker() -> Broker:
     return get_broker(current_app)
+
+
+RATE_LIMITER = "broker.ratelimit"
+
+
+def limiter() -> RateLimiter:
+    """The app's one :class:`RateLimiter` (set up by :func:`broker.views.init_app`)."""
+    found: RateLimiter = current_app.extensions[RATE_LIMITER]
+    return found
 
 
 def cookie_name(base: str) -> str:
@@ -108,3 +119,24 @@ def json_error(
 def oauth_state(session: Session) -> Iterator[RequestState]:
     with broker().server.request_state(session, client_address()) as state:
         yield state
+
+
+def too_many_requests(verdict: Verdict, *, api: bool = True) -> Response:
+    """RFC 6585 section 4: 429 with ``Retry-After`` (seconds to the end of the window); a JSON
+    body on API endpoints (see :data:`broker.ratelimit.TOO_MANY_REQUESTS`), else a page."""
+    if api:
+        return json_error(429, TOO_MANY_REQUESTS, verdict.description, verdict.headers)
+    response = error_page(
+        429,
+        "Too many requests",
+        f"Too many requests from your network. Try again in {verdict.retry_after} seconds.",
+    )
+    response.headers.update(verdict.headers)
+    return response
+
+
+def body_too_large(limit: int | None = None) -> RequestEntityTooLarge:
+    """413 for a body over ``limit`` bytes (default: the request's limit); answered with
+    ``Connection: close`` by the app's error handler."""
+    limit = limit if limit is not None else request.max_content_length
+    return RequestEntityTooLarge(f"The request body is larger than {limit} bytes.")

@@ -1,18 +1,18 @@
-"""Pages of the sign-in: consent (with the provider chooser), the local login form, the upstream
-callback."""
+"""Pages of the sign-in: consent (with the provider chooser), the one-click confirmation of a
+client whose identity cannot be assured, the local login form, the upstream callback."""
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, redirect, request, url_for
+from flask import Blueprint, redirect, request
 from werkzeug.wrappers import Response
 
-from providers.contract import CallbackRequest, LoginRequest, PasswordLogin, RedirectLogin
+from providers.contract import CallbackRequest, PasswordLogin, RedirectLogin
 from providers.errors import AccessDenied, LoginFailed, ProviderError, UpstreamUnavailable
 
 from ..db import utcnow
-from ..flow import Denied, FlowError
+from ..flow import Denied, FlowError, Step
 from ..models import AuditEvent, PendingLogin
 from ._web import (
     BROWSER_COOKIE,
@@ -26,7 +26,7 @@ from ._web import (
     read_cookie,
     set_cookie,
 )
-from .oauth import denied_page
+from .oauth import denied_page, provider_error_cause, step_response
 
 log = logging.getLogger(__name__)
 bp = Blueprint("login", __name__)
@@ -42,7 +42,7 @@ def _csrf_failure() -> Response:
 
 @bp.route("/consent", methods=["GET"])
 def consent() -> Response:
-    """The consent page: who asks, for what, and how to sign in."""
+    """The consent page: who asks, for what, and how to sign in; or the confirmation."""
     b = broker()
     login_id = request.args.get("login")
     try:
@@ -64,7 +64,7 @@ def consent() -> Response:
         )
     providers = [(name, b.providers[name].display_name) for name in allowed]
     return page(
-        "consent.html",
+        "confirm.html" if view["page"] == "confirm" else "consent.html",
         login_id=pending.id,
         csrf=csrf_token("consent", pending.id),
         providers=providers,
@@ -80,6 +80,7 @@ def consent_submit() -> Response:
     if not csrf_ok("consent", login_id, request.form.get("csrf")):
         return _csrf_failure()
     action = request.form.get("action")
+    step: Step
     try:
         with b.db.session() as session:
             pending = b.flow.pending(session, login_id, browser_hash())
@@ -91,70 +92,27 @@ def consent_submit() -> Response:
             resource = b.flow.resource(pending)
             allowed = b.flow.allowed_providers(client, resource, b.providers.names())
             choice = request.form.get("provider", "")
-            if choice == "session":
+            if choice == "session":  # "Allow" as the signed-in user, or the confirmation
                 browser = b.flow.browser_session(session, read_cookie(SESSION_COOKIE))
-                identity = None
-                if browser is not None:
-                    from ..models import Identity
-
-                    identity = session.get(Identity, browser.identity_id)
-                if (
-                    browser is None
-                    or identity is None
-                    or identity.provider not in allowed
-                    or b.flow.forces_login(pending)
-                ):
+                identity = b.flow.usable_identity(session, pending, browser, allowed)
+                if browser is None or identity is None:
                     return error_page(
                         400, "Session ended", "Your session has ended; sign in again."
                     )
                 pending.approved_at = utcnow()
-                result = b.flow.finish(
+                step = b.flow.finish(
                     session, pending, identity, request.remote_addr, auth_time=browser.created_at
                 )
-                if isinstance(result, Denied):
-                    return denied_page(result)
-                return redirect(result)
-            if choice not in allowed:
+            elif choice not in allowed:
                 return error_page(
                     400, "Invalid sign-in method", "That sign-in method is not available here."
                 )
-            provider = b.providers[choice]
-            state, nonce, verifier = b.flow.approve(session, pending, choice)
-            login_id = pending.id
+            else:
+                step = b.flow.sign_in(session, pending, choice)
     except FlowError as exc:
         return error_page(exc.status, exc.title, exc.message)
-    if isinstance(provider, PasswordLogin):
-        return redirect(url_for("login.form_login", provider=choice, login=login_id))
-    assert isinstance(provider, RedirectLogin)
-    # Outside the transaction: building the URL may call the upstream (OIDC discovery).
-    try:
-        target = provider.login_url(
-            LoginRequest(
-                state=state,
-                nonce=nonce,
-                code_verifier=verifier,
-                redirect_uri=f"{b.settings.issuer}/callback/{choice}",
-            ),
-            b.http,
-        )
-    except UpstreamUnavailable as exc:
-        log.warning("provider %s unavailable while starting a sign-in: %s", choice, exc)
-        return error_page(
-            503,
-            "Sign-in unavailable",
-            "The identity provider cannot be reached right now. Try again shortly.",
-        )
-    except ProviderError as exc:
-        log.warning("provider %s could not start a sign-in: %s", choice, _cause(exc))
-        return error_page(502, "Sign-in unavailable", "The identity provider is misconfigured.")
-    return redirect(target)
-
-
-def _cause(exc: ProviderError) -> str:
-    """What the operator's log says of a provider error: its reason code and detail."""
-    if isinstance(exc, LoginFailed):
-        return f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
-    return str(exc) or type(exc).__name__
+    # Outside the transaction: building a provider's URL may call the upstream (discovery).
+    return step_response(step)
 
 
 @bp.route("/login/<provider>", methods=["GET", "POST"])
@@ -281,7 +239,7 @@ def callback(provider: str) -> Response:
             b.http,
         )
     except AccessDenied as exc:
-        log.info("sign-in through %s refused: %s", provider, _cause(exc))
+        log.info("sign-in through %s refused: %s", provider, provider_error_cause(exc))
         if exc.reason == "upstream_denied":
             # The user (or the upstream) said no at the upstream: back to the client, as the
             # consent page's own deny button does.
@@ -289,13 +247,13 @@ def callback(provider: str) -> Response:
         else:
             refused = exc
     except LoginFailed as exc:
-        log.warning("sign-in through %s failed: %s", provider, _cause(exc))
+        log.warning("sign-in through %s failed: %s", provider, provider_error_cause(exc))
         failure = ("access_denied", exc.reason)
     except UpstreamUnavailable as exc:
         log.warning("sign-in through %s: provider unavailable: %s", provider, exc)
         failure = ("temporarily_unavailable", "upstream_unavailable")
     except ProviderError as exc:
-        log.warning("sign-in through %s: provider error: %s", provider, _cause(exc))
+        log.warning("sign-in through %s: provider error: %s", provider, provider_error_cause(exc))
         failure = ("access_denied", "provider_error")
     session_value = None
     address = request.remote_addr

@@ -9,14 +9,16 @@ from authlib.oauth2 import OAuth2Error
 from flask import Blueprint, redirect, request, url_for
 from werkzeug.wrappers import Request, Response
 
+from providers.contract import LoginRequest, PasswordLogin, RedirectLogin
+from providers.errors import LoginFailed, ProviderError, UpstreamUnavailable
+
 from ..crypto import new_token, token_hash
-from ..db import utcnow
-from ..flow import Denied, FlowError, error_redirect
-from ..models import Client, Identity
+from ..flow import AskUser, Denied, FlowError, SignIn, Step, error_redirect
 from ..oauth2.cimd import CIMDError, is_client_id_url
 from ._web import (
     BROWSER_COOKIE,
     SESSION_COOKIE,
+    body_too_large,
     broker,
     error_page,
     json_error,
@@ -33,6 +35,7 @@ MAX_REGISTRATION_BODY = 16 * 1024
 
 
 def denied_page(denied: Denied) -> Response:
+    """The refusal page; its link (if any) goes to a redirect URI the flow validated."""
     return page(
         "denied.html",
         status=403,
@@ -40,6 +43,57 @@ def denied_page(denied: Denied) -> Response:
         client_name=denied.client_name,
         redirect_to=denied.redirect_to,
     )
+
+
+def sign_in_redirect(step: SignIn) -> Response:
+    """To the provider's sign-in, once the request is approved: the local form, or the
+    upstream's authorization URL (built outside any transaction: it may call the upstream)."""
+    b = broker()
+    provider = b.providers[step.provider]
+    if isinstance(provider, PasswordLogin):
+        return redirect(url_for("login.form_login", provider=step.provider, login=step.login_id))
+    assert isinstance(provider, RedirectLogin)
+    try:
+        target = provider.login_url(
+            LoginRequest(
+                state=step.state,
+                nonce=step.nonce,
+                code_verifier=step.code_verifier,
+                redirect_uri=f"{b.settings.issuer}/callback/{step.provider}",
+            ),
+            b.http,
+        )
+    except UpstreamUnavailable as exc:
+        log.warning("provider %s unavailable while starting a sign-in: %s", step.provider, exc)
+        return error_page(
+            503,
+            "Sign-in unavailable",
+            "The identity provider cannot be reached right now. Try again shortly.",
+        )
+    except ProviderError as exc:
+        log.warning(
+            "provider %s could not start a sign-in: %s", step.provider, provider_error_cause(exc)
+        )
+        return error_page(502, "Sign-in unavailable", "The identity provider is misconfigured.")
+    return redirect(target)
+
+
+def provider_error_cause(exc: ProviderError) -> str:
+    """What the operator's log says of a provider error: its reason code and detail."""
+    if isinstance(exc, LoginFailed):
+        return f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
+    return str(exc) or type(exc).__name__
+
+
+def step_response(step: Step) -> Response:
+    """The browser's next step after an authorization request or a consent decision."""
+    if isinstance(step, Denied):
+        return denied_page(step)
+    if isinstance(step, SignIn):
+        return sign_in_redirect(step)
+    if isinstance(step, AskUser):
+        return redirect(url_for("login.consent", login=step.login_id))
+    return redirect(step)
 
 
 @bp.route("/authorize", methods=["GET"])
@@ -54,43 +108,24 @@ def authorize() -> Response:
         try:
             b.cimd.ensure_fresh(client_id, request.remote_addr)
         except CIMDError as exc:
-            return error_page(
-                400,
-                "Invalid request",
-                f"The application's client metadata document could not be used ({exc.reason}).",
+            # The reason (a host, a port, a resolver's answer) stays in the log: the page must
+            # not let anyone probe internal names and ports through the broker.
+            log.warning(
+                "client %s could not be verified: %s (%s)", client_id, exc.reason, exc.detail
             )
+            return error_page(400, "Invalid request", "The application could not be verified.")
     browser_value = read_cookie(BROWSER_COOKIE)
     new_browser = browser_value is None
     browser_value = browser_value or new_token(32)
-    result: str | Denied
+    step: Step
     try:
         with b.db.session() as session, oauth_state(session):
-            prompt, pending = b.flow.start(session, request, token_hash(browser_value))
+            pending = b.flow.start(session, request, token_hash(browser_value))
             browser = b.flow.browser_session(session, read_cookie(SESSION_COOKIE))
-            client = session.get(Client, pending.client_id)
-            assert client is not None
+            client = b.flow.client(session, pending)
             resource = b.flow.resource(pending)
             allowed = b.flow.allowed_providers(client, resource, b.providers.names())
-            identity = session.get(Identity, browser.identity_id) if browser else None
-            scopes = [s for s, _ in b.flow.display_scopes(pending, resource)]
-            straight = (
-                identity is not None
-                and "consent" not in prompt
-                and "login" not in prompt
-                and identity.provider in allowed
-                and b.flow.consent_covers(session, identity.user_id, client, resource.uri, scopes)
-            )
-            if straight:
-                assert identity is not None and browser is not None
-                result = b.flow.finish(
-                    session, pending, identity, request.remote_addr, auth_time=browser.created_at
-                )
-            elif "none" in prompt:
-                pending.completed_at = utcnow()
-                error = "consent_required" if browser is not None else "login_required"
-                result = error_redirect(settings, pending.redirect_uri, error, None, pending.state)
-            else:
-                result = url_for("login.consent", login=pending.id)
+            step = b.flow.next_step(session, pending, browser, allowed, request.remote_addr)
     except OAuth2Error as exc:
         state = getattr(exc, "state", None) or request.args.get("state")
         if exc.redirect_uri:
@@ -103,7 +138,7 @@ def authorize() -> Response:
         return error_page(400, "Invalid request", _describe(exc))
     except FlowError as exc:
         return error_page(exc.status, exc.title, exc.message)
-    response = denied_page(result) if isinstance(result, Denied) else redirect(result)
+    response = step_response(step)
     if new_browser:
         set_cookie(response, BROWSER_COOKIE, browser_value)
     return response
@@ -131,12 +166,19 @@ def token() -> Response:
 
 @bp.route("/register", methods=["POST", "OPTIONS"])
 def register() -> Response:
-    """RFC 7591 section 3: dynamic client registration."""
+    """RFC 7591 section 3: dynamic client registration (413 for a body over 16 KiB)."""
     if request.method == "OPTIONS":
         return Response(status=204)
-    if (request.content_length or 0) > MAX_REGISTRATION_BODY:
-        return json_error(400, "invalid_client_metadata", "The registration request is too large.")
-    if not request.is_json or not isinstance(request.get_json(silent=True), dict):
+    request.max_content_length = MAX_REGISTRATION_BODY + 1  # a chunked body: one byte over
+    if (request.content_length or 0) > MAX_REGISTRATION_BODY or (
+        len(request.get_data(cache=True)) > MAX_REGISTRATION_BODY
+    ):
+        raise body_too_large(MAX_REGISTRATION_BODY)
+    try:
+        body = request.get_json(silent=True) if request.is_json else None
+    except RecursionError:  # JSON nested deeper than the parser goes
+        body = None
+    if not isinstance(body, dict):
         return json_error(
             400, "invalid_client_metadata", "The registration request must be a JSON object."
         )

@@ -7,6 +7,7 @@ import json
 from flask import Blueprint, Flask
 from werkzeug.wrappers import Response
 
+from ..keys import JWKS_MAX_AGE
 from ..oauth2.rfc8414 import server_metadata, well_known_paths
 from ._web import broker
 
@@ -23,7 +24,8 @@ def _json(body: object, max_age: int) -> Response:
 
 def metadata() -> Response:
     """Authorization server metadata."""
-    return _json(server_metadata(broker().settings), 3600)
+    b = broker()
+    return _json(server_metadata(b.settings, b.server.grant_types_supported()), 3600)
 
 
 @bp.record_once
@@ -41,4 +43,4 @@ def jwks() -> Response:
     with b.db.read() as session:
         body = b.keys.jwks(session)
     # Short enough that a rotation's next key is seen well before it signs anything.
-    return _json(body, 300)
+    return _json(body, JWKS_MAX_AGE)

@@ -66,10 +66,14 @@ def test_full_flow_issues_a_jwt_bound_to_the_resource(
 def test_second_authorization_goes_straight_through_with_session_and_consent(
     client: FlaskClient, registered: dict[str, Any]
 ) -> None:
-    _code(client, registered)
+    # An https redirect URI: at a loopback one this dynamically registered client would be
+    # confirmed every time (RFC 8252 section 8.6; tests/test_consent_confirmation.py).
+    web = "https://app.example.com/cb"
+    _code(client, registered, redirect_uri=web)
     _verifier, challenge = pkce()
     response = client.get(
-        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
+        "/authorize",
+        query_string=authorize_params(registered["client_id"], challenge, redirect_uri=web),
     )
     assert response.status_code == 302
     assert "code=" in response.headers["Location"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from flask.testing import FlaskClient
 
 from tests.support import authorize_params, pkce, query, redeem, sign_in_local
@@ -106,3 +107,181 @@ def test_introspection_refuses_public_and_unauthenticated_clients(
     assert public.status_code in (400, 401) and public.json["error"] == "invalid_client"
     anonymous = client.post("/introspect", data={"token": tokens["access_token"]})
     assert anonymous.status_code in (400, 401) and anonymous.json["error"] == "invalid_client"
+
+
+# -- RFC 7009 section 2.1: token_type_hint is only a hint ---------------------------------------
+
+
+def _refresh(client: FlaskClient, registered: dict[str, Any], refresh_token: str) -> Any:
+    return client.post(
+        "/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "client_id": registered["client_id"],
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "hint",
+    ["unknown_type", "urn:ietf:params:oauth:token-type:jwt", "", "REFRESH_TOKEN", "access_token"],
+)
+def test_an_unknown_or_wrong_hint_is_ignored(
+    client: FlaskClient, registered: dict[str, Any], hint: str
+) -> None:
+    """A hint the broker does not know, or that names the wrong type, never gives
+    unsupported_token_type: every type is searched and the token is revoked."""
+    tokens = _tokens(client, registered)
+    response = client.post(
+        "/revoke",
+        data={
+            "token": tokens["refresh_token"],
+            "token_type_hint": hint,
+            "client_id": registered["client_id"],
+        },
+    )
+    assert response.status_code == 200, response.json
+    refused = _refresh(client, registered, tokens["refresh_token"])
+    assert refused.status_code == 400 and refused.json["error"] == "invalid_grant"
+
+
+def test_an_unknown_hint_with_an_unknown_token_answers_200(
+    client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    response = client.post(
+        "/revoke",
+        data={
+            "token": "nonsense",
+            "token_type_hint": "id_token",
+            "client_id": registered["client_id"],
+        },
+    )
+    assert response.status_code == 200
+
+
+def test_an_access_token_is_found_with_the_refresh_hint(
+    client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    confidential = _confidential(client)
+    auth = (confidential["client_id"], confidential["client_secret"])
+    tokens = _tokens(client, confidential, client_secret=confidential["client_secret"])
+    revoked = client.post(
+        "/revoke",
+        data={"token": tokens["access_token"], "token_type_hint": "refresh_token"},
+        auth=auth,  # type: ignore[arg-type]
+    )
+    assert revoked.status_code == 200
+    inactive = client.post("/introspect", data={"token": tokens["access_token"]}, auth=auth)  # type: ignore[arg-type]
+    assert inactive.json == {"active": False}
+
+
+# -- RFC 6749 section 6: the scope of a refresh (kept here with the other corner cases of
+# -- issue 6; they belong with tests/oauth2/test_rfc6749_code_flow.py) -----------------------
+
+
+def _scoped_tokens(client: FlaskClient, registered: dict[str, Any], scope: str) -> dict[str, Any]:
+    verifier, challenge = pkce()
+    params = authorize_params(registered["client_id"], challenge, scope=scope)
+    code = query(sign_in_local(client, params).headers["Location"])["code"]
+    response = redeem(client, registered["client_id"], code, verifier)
+    assert response.status_code == 200, response.json
+    return dict(response.json)
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        "demo:read demo:write",  # a scope of the resource the grant does not hold
+        "demo:write",
+        "other:read",  # a scope of another resource
+        "admin",  # a scope nobody has
+        "offline_access",  # accepted and ignored at /authorize, so not part of the grant
+        'demo:read "x"',
+    ],
+)
+def test_a_refresh_asking_for_more_than_the_grant_gets_invalid_scope(
+    app: Any, client: FlaskClient, registered: dict[str, Any], scope: str
+) -> None:
+    tokens = _scoped_tokens(client, registered, "demo:read")
+    response = client.post(
+        "/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "client_id": registered["client_id"],
+            "scope": scope,
+        },
+    )
+    assert response.status_code == 400 and response.json["error"] == "invalid_scope"
+    # Nothing changed: the refresh token was not used up.
+    assert _refresh(client, registered, tokens["refresh_token"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("scope", "granted"),
+    [
+        ("", "demo:read demo:write"),  # omitted: the scope originally granted
+        ("   ", "demo:read demo:write"),  # only spaces: omitted too, never an empty scope
+        ("demo:write", "demo:write"),  # narrowed
+        ("demo:write  demo:write demo:read", "demo:write demo:read"),  # written once each
+    ],
+)
+def test_a_refresh_within_the_grant(
+    client: FlaskClient, registered: dict[str, Any], scope: str, granted: str
+) -> None:
+    import jwt
+
+    tokens = _scoped_tokens(client, registered, "demo:read demo:write")
+    response = client.post(
+        "/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "client_id": registered["client_id"],
+            "scope": scope,
+        },
+    )
+    assert response.status_code == 200, response.json
+    words = response.json["scope"].split(" ")  # single spaces, each scope once
+    assert len(words) == len(set(words)) and set(words) == set(granted.split())
+    claims = jwt.decode(response.json["access_token"], options={"verify_signature": False})
+    assert claims["scope"] == response.json["scope"]
+
+
+def test_a_parallel_refresh_asking_for_more_gets_invalid_scope(
+    client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    """Within the grace window the same successor is handed out again, but only for the
+    grant's scope."""
+    tokens = _scoped_tokens(client, registered, "demo:read")
+    first = _refresh(client, registered, tokens["refresh_token"])
+    assert first.status_code == 200
+    wider = client.post(
+        "/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "client_id": registered["client_id"],
+            "scope": "demo:read demo:write",
+        },
+    )
+    assert wider.status_code == 400 and wider.json["error"] == "invalid_scope"
+    again = _refresh(client, registered, tokens["refresh_token"])
+    assert again.status_code == 200
+    assert again.json["refresh_token"] == first.json["refresh_token"]
+
+
+@pytest.mark.parametrize("hint", ["id_token", "refresh_token", "x" * 300])
+def test_introspection_ignores_a_hint_it_does_not_know(client: FlaskClient, hint: str) -> None:
+    """RFC 7662 section 2.1: the hint only speeds the search; an unknown or wrong hint never
+    makes a token of another type unknown (nor answers unsupported_token_type)."""
+    confidential = _confidential(client)
+    auth = (confidential["client_id"], confidential["client_secret"])
+    tokens = _tokens(client, confidential, client_secret=confidential["client_secret"])
+    answer = client.post(
+        "/introspect",
+        data={"token": tokens["access_token"], "token_type_hint": hint},
+        auth=auth,  # type: ignore[arg-type]
+    )
+    assert answer.status_code == 200 and answer.json["active"] is True

@@ -33,7 +33,8 @@ def test_metadata_lists_what_mcp_clients_need(client: FlaskClient) -> None:
             assert meta[key].startswith(ISSUER + "/"), key
         # Scope minimisation: no resource's scopes are advertised here.
         assert "demo:read" not in meta.get("scopes_supported", [])
-        assert set(meta["grant_types_supported"]) == {"authorization_code", "refresh_token"}
+        assert {"authorization_code", "refresh_token"} <= set(meta["grant_types_supported"])
+    assert "urn:ietf:params:oauth:grant-type:token-exchange" in meta["grant_types_supported"]
 
 
 def test_issuer_with_a_path_serves_path_inserted_metadata(make_app: Any) -> None:
@@ -55,10 +56,11 @@ def test_jwks_has_kids_and_cache_headers(client: FlaskClient) -> None:
     assert "max-age" in response.headers["Cache-Control"]
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     keys = response.json["keys"]
-    assert len(keys) == 1
-    key = keys[0]
-    assert key["kty"] == "EC" and key["alg"] == "ES256" and key["use"] == "sig" and key["kid"]
-    assert "d" not in key  # never the private part
+    assert len(keys) == 2  # the active key, and the next one published before it signs
+    assert len({key["kid"] for key in keys}) == 2
+    for key in keys:
+        assert key["kty"] == "EC" and key["alg"] == "ES256" and key["use"] == "sig" and key["kid"]
+        assert "d" not in key  # never the private part
 
 
 @pytest.mark.parametrize("alg,kty", [("RS256", "RSA"), ("EdDSA", "OKP")])

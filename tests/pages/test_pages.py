@@ -501,9 +501,11 @@ def test_deny_returns_access_denied_with_state_and_iss(broker: Broker, tab: Tab)
 
 
 @SQLITE_ONLY
-def test_second_authorization_in_the_same_browser_goes_straight_through(
-    broker: Broker, tab: Tab
-) -> None:
+def test_second_authorization_in_the_same_browser_is_one_click(broker: Broker, tab: Tab) -> None:
+    """The same browser approved the client before and has a broker session: no consent and no
+    sign-in again, but this dynamically registered client at a loopback redirect URI gets the
+    one-click confirmation every time (RFC 8252 section 8.6: any local program could use its
+    client id)."""
     open_consent(tab, broker)
     approve_local(tab, broker)
     sign_in(tab)
@@ -512,11 +514,17 @@ def test_second_authorization_in_the_same_browser_goes_straight_through(
     tab.navigations.clear()
     url, params, verifier = broker.authorize_url()
     tab.page.goto(url)
+    tab.page.wait_for_selector("#confirm")
+    assert "You allowed this application before" in tab.page.inner_text("#confirm-reason")
+    tab.page.screenshot(path=str(ARTIFACTS / "confirm.png"))
+    tab.page.click("#confirm")
     second = wait_for_client(tab, broker)
     assert second["state"] == params["state"] and second["iss"] == broker.url
     assert second["code"] != first["code"]
     assert [u.split("?")[0] for u in tab.navigations] == [
         f"{broker.url}/authorize",
+        f"{broker.url}/consent",  # the confirmation
+        f"{broker.url}/consent",  # its Continue, answered with the redirect to the client
         broker.redirect_uri,
     ]
     token = redeem(
