@@ -35,7 +35,7 @@ from werkzeug.wrappers import Request, Response
 from providers.contract import Identity as UpstreamIdentity
 from providers.contract import LoginResult
 
-from . import policy
+from . import audit, policy
 from .config import ResourceSettings, Settings
 from .crypto import Sealer, new_token, token_hash
 from .db import rows_affected, utcnow
@@ -310,6 +310,16 @@ class AuthorizationFlow:
             return None
         identity = session.get(Identity, browser.identity_id)
         if identity is None or identity.provider not in provider_names:
+            return None
+        resource = self.settings.resource(pending.resource)
+        if (
+            resource is not None
+            and identity.provider in resource.upstream_tokens
+            and session.get(UpstreamToken, identity.id) is None
+        ):
+            # The resource's MCP server needs this user's upstream token and there is none
+            # (never stored, or dropped when the upstream refused its refresh): only the
+            # upstream sign-in can give a new one.
             return None
         return identity
 
@@ -786,23 +796,29 @@ class AuthorizationFlow:
         reason: str,
         message: str,
         address: str | None,
+        *,
+        failed: bool = False,
     ) -> Denied:
-        """The provider's own restrictions refused the identity (organisation, domain, site):
-        a page that says so, and ``access_denied`` for the client; nothing stored."""
-        session.add(
-            AuditEvent(
-                type="login",
-                outcome="denied",
-                client_id=pending.client_id,
-                resource=pending.resource,
-                provider=pending.provider,
-                reason=reason[:255],
-                address=address,
-            )
+        """The provider's own restrictions refused the identity (organisation, domain, site),
+        or (``failed``) its answer could not be verified (a bad signature, an identity URL on
+        another host, a malformed answer): a page that says so, and ``access_denied`` for the
+        client; nothing stored."""
+        audit.record(
+            session,
+            "login",
+            "failure" if failed else "denied",
+            client_id=pending.client_id,
+            resource=pending.resource,
+            provider=pending.provider,
+            reason=reason,
+            address=address,
         )
-        return self._denied(
-            session, pending, message, "The identity provider account is not allowed."
+        description = (
+            "The sign-in with the identity provider failed."
+            if failed
+            else "The identity provider account is not allowed."
         )
+        return self._denied(session, pending, message, description)
 
     def finish(
         self,

@@ -36,7 +36,7 @@ from .contract import (
     Requirements,
     UpstreamTokens,
 )
-from .errors import AccessDenied, ConfigError, LoginFailed
+from .errors import AccessDenied, ConfigError, LoginFailed, UpstreamUnavailable
 
 __all__ = [
     "PROTECTED_AUTHORIZE_PARAMS",
@@ -263,6 +263,9 @@ class OAuth2Provider:
             code = sanitize_code(params["error"])
             if code == "access_denied":
                 raise AccessDenied("upstream_denied", detail=f"upstream said {code}")
+            if code in ("server_error", "temporarily_unavailable"):
+                # Section 4.1.2.1: the upstream's own trouble, temporary: the client may retry.
+                raise UpstreamUnavailable(f"authorization response: upstream said {code}")
             raise LoginFailed("upstream_error", detail=f"upstream said {code}")
         authorization_code = params.get("code")
         if not authorization_code:

@@ -3,6 +3,8 @@ upstream errors turned into standard errors at the client's validated redirect U
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urljoin
@@ -161,13 +163,34 @@ def test_upstream_error_reaches_the_client_as_access_denied(
         assert event.outcome == "failure"
 
 
-def test_upstream_server_error_is_a_standard_error_too(upstream: Callable[..., Upstream]) -> None:
+def test_upstream_server_error_is_temporarily_unavailable(
+    upstream: Callable[..., Upstream],
+) -> None:
+    """RFC 6749 section 4.1.2.1: server_error is the upstream's own, temporary trouble; the
+    client gets temporarily_unavailable (never a code that makes it drop its credentials)."""
     up = upstream(extra_authorize_params={"login_hint": "error:server_error"})
     with httpx.Client(follow_redirects=False) as http:
         _params, approved = _start_login(http, up)
         callback = _follow_until_callback(http, up, approved.headers["location"])
         result = query(http.get(callback).headers["location"])
+        assert result["error"] == "temporarily_unavailable" and result["iss"] == up.base
+
+
+def test_upstream_error_is_a_page_with_access_denied(upstream: Callable[..., Upstream]) -> None:
+    """Any other upstream error: a page that says the sign-in failed, with a link that returns
+    access_denied to the client; nothing stored."""
+    up = upstream(extra_authorize_params={"login_hint": "error:invalid_scope"})
+    with httpx.Client(follow_redirects=False) as http:
+        _params, approved = _start_login(http, up)
+        callback = _follow_until_callback(http, up, approved.headers["location"])
+        page = http.get(callback)
+        assert page.status_code == 403 and "location" not in page.headers
+        assert "could not be completed" in page.text
+        link = re.search(r'id="return" href="([^"]*)"', page.text)
+        assert link is not None
+        result = query(html.unescape(link.group(1)))
         assert result["error"] == "access_denied" and result["iss"] == up.base
+        assert up.count(Grant) == 0
 
 
 def test_unreachable_upstream_is_a_503_page(make_app: Callable[..., Flask]) -> None:

@@ -165,6 +165,16 @@ def form_login(provider: str) -> Response:
                     400,
                     "Invalid username or password.",
                 )
+            except ProviderError as exc:  # a password provider whose backend is down
+                log.warning("sign-in through %s failed: %s", provider, provider_error_cause(exc))
+                return _login_page(
+                    plugin.display_name,
+                    provider,
+                    login_id,
+                    username,
+                    503,
+                    "Signing in is not possible right now. Try again shortly.",
+                )
             with b.db.session() as session:
                 pending = b.flow.pending(session, login_id, browser_hash())
                 _check_approved(pending, provider)
@@ -227,6 +237,7 @@ def callback(provider: str) -> Response:
         return error_page(exc.status, exc.title, exc.message)
     # Outside any transaction: the upstream token request and identity calls.
     refused: AccessDenied | None = None
+    failed: LoginFailed | None = None
     failure: tuple[str, str] | None = None
     try:
         result = plugin.handle_callback(
@@ -248,7 +259,7 @@ def callback(provider: str) -> Response:
             refused = exc
     except LoginFailed as exc:
         log.warning("sign-in through %s failed: %s", provider, provider_error_cause(exc))
-        failure = ("access_denied", exc.reason)
+        failed = exc
     except UpstreamUnavailable as exc:
         log.warning("sign-in through %s: provider unavailable: %s", provider, exc)
         failure = ("temporarily_unavailable", "upstream_unavailable")
@@ -267,6 +278,15 @@ def callback(provider: str) -> Response:
                     f"Your {plugin.display_name} account is not allowed to sign in here."
                 )
                 outcome = b.flow.provider_refused(session, row, refused.reason, message, address)
+            elif failed is not None:
+                message = failed.message or (
+                    f"The sign-in with {plugin.display_name} could not be completed: its "
+                    "answer could not be verified. Try again; if it keeps failing, tell your "
+                    "administrator."
+                )
+                outcome = b.flow.provider_refused(
+                    session, row, failed.reason, message, address, failed=True
+                )
             elif failure is not None:
                 outcome = b.flow.upstream_failed(session, row, failure[0], failure[1], address)
             else:

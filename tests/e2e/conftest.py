@@ -26,13 +26,14 @@ class Stack:
     app: Flask | None = None
 
 
-def resources(mcp_port: int, other_port: int) -> list[dict[str, Any]]:
+def resources(mcp_port: int, other_port: int, claims: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     return [
         {
             "uri": f"http://127.0.0.1:{mcp_port}/mcp",
             "name": "Demo MCP server",
             "scopes": {"demo:read": "Call the demo tools", "demo:write": "Change demo data"},
             "required_scopes": ["demo:read"],
+            "claims": list(claims),
         },
         {
             "uri": f"http://127.0.0.1:{other_port}/mcp",
@@ -48,11 +49,14 @@ def stack_factory(make_app: Callable[..., Flask]) -> Iterator[Callable[..., Stac
     """Start a broker (in-process, threaded WSGI) and two demo MCP servers."""
     contexts: list[Any] = []
 
-    def start(port: int | None = None, **overrides: Any) -> Stack:
+    def start(port: int | None = None, claims: tuple[str, ...] = (), **overrides: Any) -> Stack:
+        """``claims``: the identity facts the demo MCP server may see in its tokens."""
         port = port or free_port()
         mcp_port, other_port = free_port(), free_port()
         issuer = f"http://127.0.0.1:{port}"
-        app = make_app(issuer=issuer, resources=resources(mcp_port, other_port), **overrides)
+        app = make_app(
+            issuer=issuer, resources=resources(mcp_port, other_port, claims), **overrides
+        )
         stack = Stack(
             issuer, f"http://127.0.0.1:{mcp_port}/mcp", f"http://127.0.0.1:{other_port}/mcp", app
         )

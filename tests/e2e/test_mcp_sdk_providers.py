@@ -32,9 +32,17 @@ def test_sdk_client_through_github(stack_factory: Callable[..., Stack]) -> None:
         stack = stack_factory(
             providers={"github": github.provider_config(allowed_orgs=["acme"])},
             rules=[{"grant": ["demo:read"], "when": {"teams": ["acme/platform"]}}],
+            claims=("preferred_username", "email", "teams"),
         )
         whoami, browser, storage = run_flow(stack, provider="github")
         assert whoami["authenticated"] is True and whoami["issuer"] == stack.issuer
+        # The tool sees the identity claims its resource may see, and no others (not orgs,
+        # not name: the resource's claims do not list them).
+        assert whoami["identity"] == {
+            "preferred_username": "alice",
+            "email": "alice@example.com",
+            "teams": ["acme/platform", "acme/sre", "globex/research"],
+        }
         assert any(
             u.startswith(f"{github.base_url}/login/oauth/authorize") for u in browser.visited
         )
@@ -81,6 +89,7 @@ def test_sdk_client_through_keycloak(stack_factory: Callable[..., Stack]) -> Non
         )
         whoami, browser, storage = run_flow(stack, provider="staff")
         assert whoami["authenticated"] is True and whoami["issuer"] == stack.issuer
+        assert whoami["identity"] == {}  # no claims configured: nothing beyond RFC 9068
         assert any(
             u.startswith(f"{idp.issuer}/protocol/openid-connect/auth") for u in browser.visited
         )

@@ -148,8 +148,11 @@ def test_client_secret_post(app: Flask, client: FlaskClient) -> None:
     agent = add_static_client(app, auth_method="client_secret_post")
     response = request_token(client, agent, post=True)
     assert response.status_code == 200, response.json
-    # The registered method only (RFC 7591 section 2): Basic is refused for this client.
-    refused = request_token(client, agent)
+    # A client with a secret may present it either way (RFC 6749 section 2.3.1), whichever
+    # it registered: Basic works too; a wrong secret does not, either way.
+    assert request_token(client, agent).status_code == 200
+    public = add_static_client(app, auth_method="none", client_id="public-agent")
+    refused = request_token(client, public, post=True)
     assert refused.status_code == 401 and refused.json["error"] == "invalid_client"
 
 

@@ -324,16 +324,29 @@ def test_upstream_error_keeps_only_the_code(
     idp: RunningIdP, http: httpx.Client, login: Login
 ) -> None:
     provider = make_provider(idp.issuer)
-    trip = login(provider, "error:temporarily_unavailable")
+    trip = login(provider, "error:invalid_scope")
     assert trip.params["error_description"]
     with pytest.raises(LoginFailed) as caught:
         provider.handle_callback(trip.callback(), http)
     assert not isinstance(caught.value, AccessDenied)
     assert (caught.value.reason, caught.value.detail) == (
         "upstream_error",
-        "upstream said temporarily_unavailable",
+        "upstream said invalid_scope",
     )
-    assert str(caught.value) == "upstream said temporarily_unavailable"
+    assert str(caught.value) == "upstream said invalid_scope"
+
+
+@pytest.mark.parametrize("code", ["server_error", "temporarily_unavailable"])
+def test_upstream_trouble_is_temporary(
+    idp: RunningIdP, http: httpx.Client, login: Login, code: str
+) -> None:
+    """RFC 6749 section 4.1.2.1: the upstream's own trouble is temporary, so the MCP client gets
+    temporarily_unavailable and keeps its credentials."""
+    provider = make_provider(idp.issuer)
+    trip = login(provider, f"error:{code}")
+    with pytest.raises(UpstreamUnavailable) as caught:
+        provider.handle_callback(trip.callback(), http)
+    assert str(caught.value) == f"authorization response: upstream said {code}"
 
 
 def test_iss_parameter_mismatch_refused(idp: RunningIdP, http: httpx.Client, login: Login) -> None:

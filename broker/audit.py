@@ -1,0 +1,102 @@
+"""The audit trail: one helper writes every event, to the database and to a log an operator ships.
+
+:func:`record` adds an ``audit_events`` row to the caller's transaction; once that transaction
+commits, the same event is written as one JSON line on the ``broker.audit`` logger (a refused,
+rolled-back request leaves neither). Events never carry tokens, codes or secrets: only ids,
+outcomes, reasons and the details the caller names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from .db import utcnow
+from .models import AuditEvent
+
+AUDIT_LOGGER = "broker.audit"
+log = logging.getLogger(AUDIT_LOGGER)
+_PENDING = "broker_audit_pending"
+
+EVENT_TYPES = frozenset(
+    {
+        "login",
+        "consent",
+        "issue",
+        "refresh",
+        "revoke",
+        "deny",
+        "register",
+        "exchange",
+        "admin",
+    }
+)
+
+
+def record(
+    session: Session,
+    type: str,
+    outcome: str,
+    *,
+    user_id: str | None = None,
+    client_id: str | None = None,
+    resource: str | None = None,
+    provider: str | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
+    address: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Add one audit event to ``session``'s transaction (logged once it commits)."""
+    row = AuditEvent(
+        at=utcnow(),
+        type=type,
+        outcome=outcome,
+        user_id=user_id,
+        client_id=client_id,
+        resource=resource,
+        provider=provider,
+        actor=actor,
+        reason=reason[:255] if reason else None,
+        address=address,
+        details=details or {},
+    )
+    session.add(row)
+    session.info.setdefault(_PENDING, []).append(row)
+    return row
+
+
+def as_dict(row: AuditEvent) -> dict[str, Any]:
+    """An event as the JSON lines and ``broker audit --json`` show it."""
+    return {
+        "id": row.id,
+        "at": row.at.isoformat() if row.at else None,
+        "type": row.type,
+        "outcome": row.outcome,
+        "user_id": row.user_id,
+        "client_id": row.client_id,
+        "resource": row.resource,
+        "provider": row.provider,
+        "actor": row.actor,
+        "reason": row.reason,
+        "address": row.address,
+        "details": row.details or {},
+    }
+
+
+@event.listens_for(Session, "after_commit")
+def _log_committed(session: Session) -> None:
+    pending = session.info.pop(_PENDING, None)
+    if not pending or not log.isEnabledFor(logging.INFO):
+        return
+    for row in pending:
+        log.info(json.dumps(as_dict(row), sort_keys=True, default=str))
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_rolled_back(session: Session) -> None:
+    session.info.pop(_PENDING, None)
