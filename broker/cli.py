@@ -405,6 +405,280 @@ def keys_list(ctx: click.Context) -> None:
         )
 
 
+@keys.command("rotate")
+@click.option("--force", is_flag=True, help="Activate the next key even if it was just published.")
+@click.pass_context
+def keys_rotate(ctx: click.Context, force: bool) -> None:
+    """Activate the published next key, retire the active one, publish a new next key."""
+    from .keys import RotationRefused
+
+    app = _app(ctx)
+    broker = app.extensions["broker"]
+    try:
+        with broker.db.session() as session:
+            rotation = broker.keys.rotate(session, force=force)
+    except RotationRefused as exc:
+        _close(app)
+        click.echo(f"broker keys rotate: {exc}", err=True)
+        sys.exit(1)
+    _close(app)
+    click.echo(f"active: {rotation.active}")
+    if rotation.retired:
+        until = f"{rotation.retired_until:%Y-%m-%d %H:%M:%S} UTC" if rotation.retired_until else ""
+        click.echo(f"retired: {rotation.retired} (in the JWKS until {until})")
+    click.echo(f"next: {rotation.next}")
+
+
+@contextlib.contextmanager
+def _session(ctx: click.Context) -> Iterator[Any]:
+    """One transaction of the configured broker's database (committed when the command ends)."""
+    app = _app(ctx)
+    try:
+        with app.extensions["broker"].db.session() as session:
+            yield session
+    finally:
+        _close(app)
+
+
+def _echo(rows: Any, as_json: bool, line: Any) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for row in rows:
+        click.echo(line(row))
+
+
+def _user_or_exit(session: Any, ref: str) -> Any:
+    from .admin import NotFound, find_user
+
+    try:
+        return find_user(session, ref)
+    except NotFound as exc:
+        click.echo(f"broker: {exc}", err=True)
+        sys.exit(1)
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+@main.group("users")
+def users() -> None:
+    """Users: list, show, disable, enable, revoke (effective at the next request)."""
+
+
+@users.command("list")
+@click.option("--provider", help="Only users with an identity at this provider.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def users_list(ctx: click.Context, provider: str | None, as_json: bool) -> None:
+    """List users with their identities and live grants."""
+    from dataclasses import asdict
+
+    from .admin import list_users
+
+    with _session(ctx) as session:
+        rows = [asdict(user) for user in list_users(session, provider=provider)]
+
+    def line(row: dict[str, Any]) -> str:
+        who = ", ".join(
+            f"{i['provider']}:{i.get('email') or i.get('username') or i['subject']}"
+            for i in row["identities"]
+        )
+        state = "disabled" if row["disabled"] else "active"
+        return f"{row['id']}  {state:8}  grants {row['live_grants']:<3}  {who}"
+
+    _echo(rows, as_json, line)
+
+
+@users.command("show")
+@click.argument("user")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def users_show(ctx: click.Context, user: str, as_json: bool) -> None:
+    """One user (by id, provider:subject or email) with identities and live grants."""
+    from dataclasses import asdict
+
+    from .admin import list_grants, summary
+
+    with _session(ctx) as session:
+        found = _user_or_exit(session, user)
+        data = asdict(summary(session, found)) | {"grants": list_grants(session, user_id=found.id)}
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    click.echo(f"user: {data['id']} ({'disabled' if data['disabled'] else 'active'})")
+    for identity in data["identities"]:
+        click.echo(
+            f"identity: {identity['provider']}:{identity['subject']} {identity['email'] or ''}"
+        )
+    for grant in data["grants"]:
+        click.echo(
+            f"grant: {grant['id']} {grant['client_id']} {grant['resource']} [{grant['scope']}]"
+        )
+
+
+def _set_disabled(ctx: click.Context, user: str, disabled: bool) -> None:
+    from .admin import set_disabled
+
+    with _session(ctx) as session:
+        found = _user_or_exit(session, user)
+        changed = set_disabled(session, found, disabled, actor=_actor())
+    word = "disabled" if disabled else "enabled"
+    click.echo(f"{found.id}: {word}" if changed else f"{found.id}: already {word}")
+
+
+@users.command("disable")
+@click.argument("user")
+@click.pass_context
+def users_disable(ctx: click.Context, user: str) -> None:
+    """Refuse the user's refreshes and sign-ins, and end their broker sessions."""
+    _set_disabled(ctx, user, True)
+
+
+@users.command("enable")
+@click.argument("user")
+@click.pass_context
+def users_enable(ctx: click.Context, user: str) -> None:
+    """Let a disabled user sign in again (revoked grants stay revoked)."""
+    _set_disabled(ctx, user, False)
+
+
+@users.command("revoke")
+@click.argument("user")
+@click.pass_context
+def users_revoke(ctx: click.Context, user: str) -> None:
+    """Revoke everything the user holds: grants, consents, broker sessions."""
+    from .admin import revoke_user
+
+    with _session(ctx) as session:
+        found = _user_or_exit(session, user)
+        ids = revoke_user(session, found, actor=_actor())
+    click.echo(f"{found.id}: {len(ids)} grant(s) revoked, consents and sessions ended")
+
+
+def _grant_filters(
+    ctx: click.Context, session: Any, user: str | None, client: str | None, resource: str | None
+) -> dict[str, str | None]:
+    return {
+        "user_id": _user_or_exit(session, user).id if user else None,
+        "client_id": client,
+        "resource": resource,
+    }
+
+
+@main.group("grants")
+def grants() -> None:
+    """Grants (a user's access for one client and resource): list, revoke."""
+
+
+@grants.command("list")
+@click.option("--user")
+@click.option("--client")
+@click.option("--resource")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def grants_list(
+    ctx: click.Context, user: str | None, client: str | None, resource: str | None, as_json: bool
+) -> None:
+    """Live grants, by user, client or resource."""
+    from .admin import list_grants
+
+    with _session(ctx) as session:
+        rows = list_grants(session, **_grant_filters(ctx, session, user, client, resource))
+    _echo(
+        rows,
+        as_json,
+        lambda g: f"{g['id']}  {g['user_id']}  {g['client_id']}  {g['resource']}  [{g['scope']}]",
+    )
+
+
+@grants.command("revoke")
+@click.argument("grant_id", required=False)
+@click.option("--user")
+@click.option("--client")
+@click.option("--resource")
+@click.pass_context
+def grants_revoke(
+    ctx: click.Context,
+    grant_id: str | None,
+    user: str | None,
+    client: str | None,
+    resource: str | None,
+) -> None:
+    """Revoke one grant, or every live grant of a user, client or resource."""
+    from .admin import revoke_grants
+
+    if not (grant_id or user or client or resource):
+        click.echo(
+            "broker grants revoke: name a grant id, --user, --client or --resource", err=True
+        )
+        sys.exit(2)
+    with _session(ctx) as session:
+        filters = _grant_filters(ctx, session, user, client, resource)
+        ids = revoke_grants(
+            session,
+            actor=_actor(),
+            grant_id=grant_id,
+            user_id=filters["user_id"],
+            client_id=client,
+            resource=resource,
+        )
+    click.echo(f"{len(ids)} grant(s) revoked")
+
+
+@main.command("audit")
+@click.option("--user")
+@click.option("--client")
+@click.option("--type", "event_type", help="login, consent, issue, refresh, revoke, deny, ...")
+@click.option("--since", help="ISO date or time (UTC), e.g. 2026-12-01 or 2026-12-01T08:00.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def audit_cmd(
+    ctx: click.Context,
+    user: str | None,
+    client: str | None,
+    event_type: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """The audit trail, newest first."""
+    import datetime as dt
+
+    from sqlalchemy import select
+
+    from .audit import as_dict
+    from .models import AuditEvent
+
+    query = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    if since:
+        try:
+            start = dt.datetime.fromisoformat(since)
+        except ValueError:
+            click.echo(f"broker audit: --since {since}: not an ISO date or time", err=True)
+            sys.exit(2)
+        query = query.where(AuditEvent.at >= start.replace(tzinfo=start.tzinfo or dt.UTC))
+    with _session(ctx) as session:
+        if user:
+            query = query.where(AuditEvent.user_id == _user_or_exit(session, user).id)
+        if client:
+            query = query.where(AuditEvent.client_id == client)
+        if event_type:
+            query = query.where(AuditEvent.type == event_type)
+        rows = [as_dict(row) for row in session.scalars(query)]
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row, sort_keys=True, default=str))
+        else:
+            who = row["user_id"] or row["actor"] or "-"
+            click.echo(
+                f"{row['at']}  {row['type']:8} {row['outcome']:8} {who}  "
+                f"{row['client_id'] or '-'}  {row['reason'] or ''}"
+            )
+
+
 @contextlib.contextmanager
 def _database(ctx: click.Context, settings: Any = None) -> Iterator[Any]:
     from .db import Database

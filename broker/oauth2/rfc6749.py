@@ -17,9 +17,12 @@ from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from sqlalchemy import select, update
 
+from providers.contract import Identity as UpstreamIdentity
+
+from .. import policy
 from ..crypto import token_hash
 from ..db import rows_affected, utcnow
-from ..models import AuthorizationCode, Grant, RefreshToken, User
+from ..models import AuthorizationCode, Grant, Identity, RefreshToken, User
 from .errors import InvalidTargetError
 from .rfc8707 import resolve_resource
 
@@ -62,6 +65,8 @@ class RefreshCredential:
     grace_successor: str | None = (
         None  # set when this is a parallel refresh inside the grace window
     )
+    # The scopes the user is entitled to now (the grant's, narrowed by the current rules).
+    entitled: list[str] | None = None
 
     def check_client(self, client: Any) -> bool:
         return bool(self.grant.client_id == client.get_client_id())
@@ -227,6 +232,40 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         super().validate_token_request()
         credential: RefreshCredential = self.request.refresh_token
         _check_token_resource(self.request, credential.grant.resource)
+        self.redecide(credential)
+
+    def redecide(self, credential: RefreshCredential) -> None:
+        """Every refresh decides again (the user being disabled is checked with the grant):
+        the resource must still be served, and the current rules, read against the stored
+        identity, must still entitle the grant's required scopes. A narrowed entitlement
+        narrows this and every later token of the grant; a lost one ends the grant
+        (``invalid_grant``: the client must authorize again, and will be refused there too)."""
+        server = self.server
+        state = server.state()
+        grant = credential.grant
+        resource = server.settings.resource(grant.resource)
+        identity = state.session.get(Identity, grant.identity_id) if grant.identity_id else None
+        reason = None
+        if resource is None:
+            reason = "resource_removed"
+        elif identity is None:
+            reason = "identity_removed"
+        else:
+            upstream = UpstreamIdentity.from_snapshot(identity.snapshot)
+            decision = policy.decide(server.settings, resource, upstream)
+            granted = grant.scope.split()
+            entitled = [s for s in granted if s in decision.scopes]
+            if decision.denied is not None:
+                reason = "denied_by_policy"
+            elif not set(resource.required_scopes) <= set(entitled) or (granted and not entitled):
+                reason = "entitlement_lost"
+            else:
+                credential.entitled = entitled
+                if entitled != granted:
+                    grant.scope = " ".join(entitled)  # never widened again without consent
+        if reason is not None:
+            state.revoke_grant(grant.id, reason)
+            raise InvalidGrantError("Access under this grant is no longer allowed.")
 
     def authenticate_user(self, refresh_token: RefreshCredential) -> GrantUser:
         return GrantUser(refresh_token.grant)
@@ -239,6 +278,8 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         is written once per scope, space-separated (section 3.3)."""
         asked = " ".join(dict.fromkeys((self.request.payload.scope or "").split()))
         scope = asked or refresh_token.get_scope()
+        if refresh_token.entitled is not None:  # narrowed by the current rules
+            scope = " ".join(s for s in scope.split() if s in refresh_token.entitled)
         rotate = refresh_token.grace_successor is None
         token: dict[str, Any] = self.generate_token(
             user=user, scope=scope, include_refresh_token=rotate
