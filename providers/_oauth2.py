@@ -43,6 +43,7 @@ __all__ = [
     "TOKEN_ENDPOINT_AUTH_METHODS",
     "OAuth2Provider",
     "OAuth2Settings",
+    "RecheckByToken",
     "b64url",
     "with_query",
 ]
@@ -353,6 +354,25 @@ class OAuth2Provider:
                 f"error={sanitize_code(body.get('error'))}",
             )
         return body
+
+
+class RecheckByToken:
+    """The ``RecheckingProvider`` capability for an upstream whose identity comes from its API
+    with the access token alone (GitHub, Atlassian): fetch the identity again and apply the
+    restrictions again. Mix in before :class:`OAuth2Provider`."""
+
+    def recheck(
+        self, identity: Identity, tokens: UpstreamTokens | None, http: httpx.Client
+    ) -> Identity:
+        """The identity as the upstream sees it now; :class:`AccessDenied` when the user no
+        longer passes the restrictions (left the organisation, lost the site)."""
+        assert isinstance(self, OAuth2Provider)
+        if tokens is None:
+            raise LoginFailed("no_upstream_token", detail="no upstream token stored")
+        current = self.identify(http, tokens, nonce=None)
+        if current.subject != identity.subject:
+            raise LoginFailed("subject_mismatch", detail="the stored token names another user")
+        return self.check_restrictions(current) or current
 
 
 def expires_at(body: Mapping[str, Any]) -> int | None:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ._config import ConfigReader, check_url
-from ._oauth2 import OAuth2Provider, OAuth2Settings, optional_str
+from ._oauth2 import OAuth2Provider, OAuth2Settings, RecheckByToken, optional_str
 from .contract import (
     BASE_FACTS,
     Identity,
@@ -50,7 +50,7 @@ class AtlassianSettings(OAuth2Settings):
     allowed_sites: frozenset[str] = frozenset()  # site_key() of each
 
 
-class AtlassianProvider(OAuth2Provider):
+class AtlassianProvider(RecheckByToken, OAuth2Provider):
     """Atlassian Cloud (``type: atlassian``); refreshing and rechecking."""
 
     type_name: ClassVar[str] = "atlassian"
@@ -164,17 +164,6 @@ class AtlassianProvider(OAuth2Provider):
             "sites": list(identity.raw["resources"]),
             "api_url": self.settings.api_url,
         }
-
-    def recheck(
-        self, identity: Identity, tokens: UpstreamTokens | None, http: httpx.Client
-    ) -> Identity:
-        """The account and its sites as Atlassian sees them now, restrictions applied."""
-        if tokens is None:
-            raise LoginFailed("no_upstream_token", detail="no upstream token stored")
-        current = self.identify(http, tokens, nonce=None)
-        if current.subject != identity.subject:
-            raise LoginFailed("subject_mismatch", detail="the token is another account's")
-        return self.check_restrictions(current)
 
 
 def with_resources(identity: Identity, resources: list[Resource]) -> Identity:

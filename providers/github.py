@@ -15,7 +15,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ._config import ConfigReader, sanitize_code
-from ._oauth2 import OAuth2Provider, OAuth2Settings, optional_str
+from ._oauth2 import OAuth2Provider, OAuth2Settings, RecheckByToken, optional_str
 from .contract import BASE_FACTS, Identity, LoginRequest, ProviderType, UpstreamTokens
 from .errors import AccessDenied, LoginFailed
 from .hookspecs import hookimpl
@@ -29,7 +29,7 @@ TEAM_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38})/[a-z0-9._-]{1,100}$")
 RESTRICTED_HINT = "the organisation may restrict OAuth App access; an owner must approve the app"
 
 
-class GitHubProvider(OAuth2Provider):
+class GitHubProvider(RecheckByToken, OAuth2Provider):
     """Sign-in with GitHub (``type: github``); an OAuth App or a GitHub App's user tokens."""
 
     type_name: ClassVar[str] = "github"
@@ -152,18 +152,6 @@ class GitHubProvider(OAuth2Provider):
         raise AccessDenied(
             reason, detail=f"user {identity.subject} is in no allowed org or team ({seen})"
         )
-
-    def recheck(
-        self, identity: Identity, tokens: UpstreamTokens | None, http: httpx.Client
-    ) -> Identity:
-        """The identity as GitHub sees it now, with the restrictions applied again."""
-        if tokens is None:
-            raise LoginFailed("no_upstream_token", detail="no GitHub token stored to recheck with")
-        current = self.identify(http, tokens, nonce=None)
-        if current.subject != identity.subject:
-            raise LoginFailed("subject_mismatch", detail="the stored token names another user")
-        self.check_restrictions(current)
-        return current
 
     # -- GitHub's REST API ---------------------------------------------------------------------
 
