@@ -132,3 +132,26 @@ def test_oversized_state_and_scope_and_combined_prompt(
         response = client.get("/authorize", query_string=params)
         assert response.status_code == 302, extra
         assert "error=invalid_request" in response.headers["Location"], extra
+
+
+@pytest.mark.parametrize("value", ["tokén", "code id_token\\", "x\x01", "token"])
+def test_an_unsupported_response_type_never_echoes_the_value(
+    client: FlaskClient, registered: dict[str, Any], value: str
+) -> None:
+    """Issue 11: Authlib put the response_type into error_description, and a value outside
+    printable ASCII was a 500. RFC 6749 section 4.1.2.1: the error goes back by redirect (the
+    redirect URI is registered) with a fixed description and iss."""
+    from tests.support import authorize_params, pkce, query
+
+    _, challenge = pkce()
+    params = authorize_params(registered["client_id"], challenge, response_type=value)
+    response = client.get("/authorize", query_string=params)
+    assert response.status_code == 302, response.text
+    answer = query(response.headers["Location"])
+    assert answer["error"] == "unsupported_response_type"
+    assert answer["error_description"] == "Only response_type=code is supported."
+    assert answer["state"] == params["state"] and "iss" in answer
+    # An unregistered redirect URI: a page, never a redirect.
+    params["redirect_uri"] = "https://evil.example/cb"
+    page = client.get("/authorize", query_string=params)
+    assert page.status_code == 400 and "Location" not in page.headers

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import unquote, urlencode
 
 from authlib.oauth2.rfc6749 import AuthorizationServer, JsonRequest, OAuth2Request
-from authlib.oauth2.rfc6749.errors import InvalidClientError
+from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedResponseTypeError
 from authlib.oauth2.rfc6749.requests import JsonPayload, OAuth2Payload
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -149,6 +149,15 @@ def basic_credentials(headers: Any) -> tuple[str, str] | None:
     return client_id, secret
 
 
+class UnsupportedResponseType(UnsupportedResponseTypeError):  # type: ignore[misc]
+    """``unsupported_response_type`` whose description never repeats the request's value."""
+
+    DESCRIPTION = "Only response_type=code is supported."
+
+    def get_error_description(self) -> str:
+        return self.DESCRIPTION
+
+
 class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
     # OAuth 2.1: the code grant with PKCE, refresh with rotation, client credentials for agents.
     TOKEN_GRANTS = (AuthorizationCodeGrant, RefreshTokenGrant, ClientCredentialsGrant)
@@ -164,6 +173,29 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             pkce = [S256CodeChallenge()] if grant is AuthorizationCodeGrant else None
             self.register_grant(grant, pkce)
         self.register_extension(IssuerParameter(settings.issuer))
+
+    def get_authorization_grant(self, request: Any) -> Any:
+        """RFC 6749 section 4.1.2.1: ``unsupported_response_type``, redirected only to a
+        validated redirect URI (as Authlib does), with a fixed description: Authlib's echoes
+        the request's ``response_type``, and a value outside printable ASCII was a 500."""
+        if any(
+            grant.check_authorization_endpoint(request) for grant, _ in self._authorization_grants
+        ):
+            return super().get_authorization_grant(request)
+        redirect_uri = None
+        client = self.query_client(request.payload.client_id or "")
+        if client is not None:
+            requested = request.payload.redirect_uri
+            if requested:
+                redirect_uri = requested if client.check_redirect_uri(requested) else None
+            else:
+                redirect_uri = client.get_default_redirect_uri()
+        raise UnsupportedResponseType(
+            "",
+            description=UnsupportedResponseType.DESCRIPTION,
+            redirect_uri=redirect_uri,
+            state=request.payload.state,
+        )
 
     def grant_types_supported(self) -> list[str]:
         """The ``grant_type`` values of the registered token grants (RFC 8414 section 2)."""
