@@ -28,6 +28,7 @@ from broker.demo import serve_asgi
 from broker.models import UpstreamToken
 from broker.resource import BrokerTokenVerifier, ExchangeRefused, UpstreamTokenClient
 from broker.resource.mcp import MCPTokenVerifier, auth_settings, current_token, upstream_token
+from broker.resource.verifier import TokenIdentity
 from tests.e2e.conftest import HeadlessBrowser, InMemoryTokenStorage
 from tests.e2e.test_mcp_sdk import REDIRECT, sdk_provider
 from tests.fakes.atlassian import FakeAtlassian
@@ -54,6 +55,7 @@ def build_jira_mcp(issuer: str, resource: str, exchange: UpstreamTokenClient) ->
         """The caller's Jira account on their first site."""
         caller = current_token()
         assert caller is not None
+        identity = TokenIdentity.from_claims(caller.claims or {})
         try:
             upstream = await upstream_token(exchange, "atlassian")
         except ExchangeRefused as refused:
@@ -70,6 +72,12 @@ def build_jira_mcp(issuer: str, resource: str, exchange: UpstreamTokenClient) ->
             "display_name": me.json().get("displayName"),
             "cloud_id": cloud_id,
             "subject": caller.subject,
+            # The identity claims this resource may see (its `claims`), and no others.
+            "identity": {
+                "email": identity.email,
+                "tenants": list(identity.tenants),
+                "name": identity.name,
+            },
         }
 
     return server
@@ -97,6 +105,7 @@ def jira_stack(make_app: Any) -> Iterator[JiraStack]:
                     "scopes": {"jira:read": "Read your Jira account"},
                     "required_scopes": ["jira:read"],
                     "upstream_tokens": ["atlassian"],
+                    "claims": ["email", "tenants"],
                 }
             ],
         )
@@ -141,6 +150,11 @@ def test_an_sdk_server_calls_jira_as_the_user_by_token_exchange(jira_stack: Jira
     assert first["status"] == 200, first
     assert (first["account_id"], first["display_name"]) == (alice.account_id, alice.name)
     assert first["cloud_id"] == alice.sites[0].id
+    assert first["identity"] == {
+        "email": alice.email,
+        "tenants": sorted({site.id for site in alice.sites}),
+        "name": None,  # not among the resource's claims
+    }
     assert second == first
     assert any(u.startswith(f"{fake.auth_url}/authorize") for u in browser.visited)
     # One exchange served both calls: the kit cached the upstream token for this user.
