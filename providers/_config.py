@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, overload
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -120,6 +120,17 @@ class ConfigReader:
         assert isinstance(value, str)
         return value
 
+    @overload
+    def base_url(self, key: str) -> str | None: ...
+    @overload
+    def base_url(self, key: str, default: str) -> str: ...
+    def base_url(self, key: str, default: str | None = None) -> str | None:
+        """An overridable base URL (an enterprise host, a local fake): a :meth:`url` without
+        query, its trailing ``/`` dropped so that paths can be appended; ``default`` when the
+        key is missing or wrong (the problem is recorded)."""
+        value = self.url(key, allow_query=False)
+        return value.rstrip("/") if value else default
+
     def string_list(self, key: str, default: Iterable[str]) -> tuple[str, ...]:
         value = self.raw(key)
         if value is None:
@@ -181,6 +192,19 @@ class ConfigReader:
             else:
                 result[item_key] = str(item)
         return result
+
+    def pattern_list(
+        self, key: str, pattern: re.Pattern[str], must_be: str, *, lower: bool = False
+    ) -> tuple[str, ...]:
+        """A :meth:`string_list` of names each matching ``pattern`` (lower-cased first with
+        ``lower``, for names compared case-insensitively); a mismatch is ``key[i]: must be
+        <must_be>``. Names an ``allowed_...`` restriction lists: logins, ids, domains."""
+        values = self.string_list(key, ())
+        names = tuple(value.lower() for value in values) if lower else values
+        for index, value in enumerate(names):
+            if not pattern.match(value):
+                self.problem(f"{key}[{index}]", f"must be {must_be}")
+        return tuple(dict.fromkeys(names))
 
     def url_list(self, key: str) -> tuple[str, ...]:
         """A list of upstream URLs (each as :func:`check_url` requires), without trailing ``/``."""

@@ -7,10 +7,17 @@ Token (GitHub, Atlassian, Salesforce) subclass :class:`OAuth2Provider` directly 
 identity from their APIs (:meth:`~OAuth2Provider.identify`); the OpenID Connect base
 (:mod:`providers._oidc`) subclasses it too.
 
-A named provider stays thin: it passes its endpoints to :meth:`OAuth2Provider.read_settings`,
-reads its own keys in :meth:`~OAuth2Provider.from_reader`, and overrides the hooks
-``authorize_params``, ``identify``, ``check_restrictions``, ``token_context``,
-``identity_context`` and ``granted_scope``.
+A named provider stays thin: it passes its endpoints to :meth:`OAuth2Provider.read_settings`
+(or its base URL to :meth:`~OAuth2Provider.read_settings_under`), reads its own keys in
+:meth:`~OAuth2Provider.from_reader` into its own settings dataclass
+(:attr:`~OAuth2Provider.settings_class`, built by :meth:`~OAuth2Provider.build`), declares its
+upstream's quirks in class attributes (endpoint paths, ``offline_scopes``,
+``fixed_authorize_params``, ``login_hint_param``, ``scope_delimiter``), and overrides the
+hooks ``scopes``, ``authorize_params``, ``identify``, ``check_restrictions``,
+``token_context``, ``identity_context`` and ``granted_scope``. Shared mechanics:
+:meth:`~OAuth2Provider.identity_from` (a profile with the verified-email rule),
+:meth:`~OAuth2Provider.require_membership` (the ``allowed_...`` restrictions) and
+:class:`RecheckByToken`.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -87,8 +94,8 @@ class OAuth2Provider:
     """The authorization code grant against one upstream; subclasses supply the identity.
 
     Class attributes a subclass sets: ``type_name``, ``default_display_name``,
-    ``default_scopes``, ``default_auth_method``, ``default_pkce`` and ``facts`` (the identity
-    facts its identities declare).
+    ``default_scopes``, ``default_auth_method``, ``default_pkce``, ``facts`` (the identity
+    facts its identities declare), and those below.
     """
 
     type_name: ClassVar[str]
@@ -97,6 +104,23 @@ class OAuth2Provider:
     default_auth_method: ClassVar[str] = "client_secret_basic"
     default_pkce: ClassVar[bool] = True
     facts: frozenset[str] = BASE_FACTS
+    settings_class: ClassVar[type[OAuth2Settings]] = OAuth2Settings
+    """The settings dataclass: :class:`OAuth2Settings`, or a subclass adding the provider's own
+    keys as fields (see :meth:`build`)."""
+    offline_scopes: ClassVar[tuple[str, ...]] = ()
+    """Scopes that ask the upstream for a refresh token: when the token must outlive the login
+    (``Requirements.offline``) and none of them is configured, :meth:`scopes` adds the first."""
+    fixed_authorize_params: ClassVar[Mapping[str, str]] = {}
+    """Authorization request parameters the upstream requires on every request (Atlassian's
+    ``audience`` and ``prompt``); ``extra_authorize_params`` may not change them."""
+    scope_delimiter: ClassVar[str] = " "
+    """How the token response lists the granted scopes (RFC 6749: spaces; GitHub: commas)."""
+    login_hint_param: ClassVar[str | None] = None
+    """The authorization request parameter that carries ``LoginRequest.login_hint`` (GitHub's
+    ``login``); ``None``: the hint is not sent."""
+    authorization_path: ClassVar[str] = "/authorize"
+    token_path: ClassVar[str] = "/token"
+    """Where the endpoints are under the upstream's base URL (see :meth:`read_settings_under`)."""
 
     def __init__(self, name: str, settings: OAuth2Settings) -> None:
         self.name = name
@@ -126,6 +150,32 @@ class OAuth2Provider:
         subclass with keys of its own overrides this and calls :meth:`read_settings`."""
         settings = cls.read_settings(name, reader)
         return None if settings is None else cls(name, settings)
+
+    @classmethod
+    def build(
+        cls, name: str, reader: ConfigReader, settings: OAuth2Settings | None, **own: Any
+    ) -> Self | None:
+        """The provider from the keys :meth:`read_settings` read and the provider's ``own``
+        keys (the further fields of :attr:`settings_class`), or ``None`` once any problem is
+        recorded: the end of a subclass's :meth:`from_reader`."""
+        if settings is None or reader.problems:
+            return None
+        common = {item.name: getattr(settings, item.name) for item in fields(settings)}
+        return cls(name, cls.settings_class(**common, **own))
+
+    @classmethod
+    def read_settings_under(
+        cls, name: str, reader: ConfigReader, base_url: str
+    ) -> OAuth2Settings | None:
+        """:meth:`read_settings` with the endpoints at :attr:`authorization_path` and
+        :attr:`token_path` under ``base_url`` (read with :meth:`ConfigReader.base_url`, so that
+        an enterprise host or a local fake can replace the upstream's)."""
+        return cls.read_settings(
+            name,
+            reader,
+            authorization_endpoint=base_url + cls.authorization_path,
+            token_endpoint=base_url + cls.token_path,
+        )
 
     @classmethod
     def read_settings(
@@ -158,6 +208,8 @@ class OAuth2Provider:
         extra = reader.string_map("extra_authorize_params")
         for key in sorted(PROTECTED_AUTHORIZE_PARAMS & set(extra)):
             reader.problem(f"extra_authorize_params.{key}", "is set by the broker")
+        for key in sorted(cls.fixed_authorize_params.keys() & set(extra)):
+            reader.problem(f"extra_authorize_params.{key}", "is set by the provider")
         timeout = reader.number("timeout", 10.0, minimum=0, maximum=120)
         pkce = reader.boolean("pkce", cls.default_pkce)
         if (
@@ -188,8 +240,13 @@ class OAuth2Provider:
     # -- hooks for subclasses ------------------------------------------------------------------
 
     def scopes(self) -> tuple[str, ...]:
-        """The scopes to ask for: the configured ones (subclasses add what requirements need)."""
-        return self.settings.scopes
+        """The scopes to ask for: the configured ones, plus the first of :attr:`offline_scopes`
+        when the token must outlive the login (subclasses add what else requirements need)."""
+        scopes = self.settings.scopes
+        offline = self.offline_scopes
+        if self.requirements.offline and offline and not set(offline) & set(scopes):
+            scopes = (*scopes, offline[0])
+        return scopes
 
     def authorize_params(self, request: LoginRequest, http: httpx.Client) -> dict[str, str]:
         """Extra authorization request parameters of this upstream (``audience``, ``prompt``)."""
@@ -231,9 +288,55 @@ class OAuth2Provider:
         return previous.context if previous is not None else {}
 
     def granted_scope(self, body: Mapping[str, Any]) -> str | None:
-        """The granted scope of a token response, space-separated (RFC 6749 section 5.1)."""
+        """The granted scope of a token response (RFC 6749 section 5.1), as a space-separated
+        string whatever the upstream's :attr:`scope_delimiter`."""
         scope = body.get("scope")
-        return scope if isinstance(scope, str) and scope else None
+        if not isinstance(scope, str):
+            return None
+        return " ".join(scope.replace(self.scope_delimiter, " ").split()) or None
+
+    # -- shared mechanics for subclasses -------------------------------------------------------
+
+    def identity_from(
+        self,
+        profile: Mapping[str, Any],
+        subject: str,
+        *,
+        username: str = "username",
+        name: str = "name",
+        email: str = "email",
+        **more: Any,
+    ) -> Identity:
+        """An identity from an upstream's JSON profile: ``username``, ``name`` and ``email`` name
+        the members holding them (absent or not a string: none). The email counts as verified
+        only when ``email_verified`` is JSON ``true``. ``more`` are further
+        :class:`Identity` fields (``tenants``, ``raw``...)."""
+        return Identity(
+            provider=self.name,
+            subject=subject,
+            username=optional_str(profile.get(username)),
+            name=optional_str(profile.get(name)),
+            email=optional_str(profile.get(email)),
+            email_verified=profile.get("email_verified") is True,
+            **more,
+        )
+
+    @staticmethod
+    def require_membership(
+        allowed: Collection[str],
+        present: Iterable[str],
+        *,
+        reason: str,
+        detail: str,
+        message: str | None = None,
+    ) -> None:
+        """The restriction of an ``allowed_...`` key, for :meth:`check_restrictions`: pass when
+        ``allowed`` is empty (no restriction) or names one of the identity's ``present`` values;
+        else raise :class:`AccessDenied` with the fixed ``reason``, the operator's ``detail`` and
+        the optional ``message`` for the person signing in (without one, the broker says the
+        account is not allowed to sign in here)."""
+        if allowed and not set(allowed) & set(present):
+            raise AccessDenied(reason, detail=detail, message=message)
 
     # -- the upstream leg ----------------------------------------------------------------------
 
@@ -251,6 +354,9 @@ class OAuth2Provider:
             digest = hashlib.sha256(request.code_verifier.encode("ascii")).digest()
             params["code_challenge"] = b64url(digest)
             params["code_challenge_method"] = "S256"
+        if request.login_hint and self.login_hint_param:
+            params[self.login_hint_param] = request.login_hint
+        params.update(self.fixed_authorize_params)
         params.update(self.authorize_params(request, http))
         params.update(self.settings.extra_authorize_params)
         return with_query(self.authorization_endpoint(http), params)

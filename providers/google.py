@@ -28,7 +28,6 @@ from ._config import ConfigReader
 from ._oauth2 import OAuth2Settings, optional_str
 from ._oidc import OIDCSettings, OpenIDConnectProvider, ProviderMetadata
 from .contract import BASE_FACTS, Identity, LoginRequest, ProviderType
-from .errors import AccessDenied
 from .hookspecs import hookimpl
 
 __all__ = ["GOOGLE_ISSUER", "GoogleProvider", "broker_register_providers"]
@@ -61,10 +60,9 @@ class GoogleProvider(OpenIDConnectProvider):
     def from_reader(cls, name: str, reader: ConfigReader) -> Self | None:
         issuer = reader.url("issuer", allow_query=False) or GOOGLE_ISSUER
         oidc = cls.read_oidc_settings(name, reader, issuer=issuer)
-        domains = reader.string_list("hosted_domains", ())
-        for index, domain in enumerate(domains):
-            if not _DOMAIN.match(domain.lower()):
-                reader.problem(f"hosted_domains[{index}]", "must be a domain name (example.com)")
+        hosted = reader.pattern_list(
+            "hosted_domains", _DOMAIN, "a domain name (example.com)", lower=True
+        )
         scopes = reader.raw("scopes")  # validated by read_settings; only peeked at here
         if isinstance(scopes, str):
             scopes = scopes.split()
@@ -77,7 +75,6 @@ class GoogleProvider(OpenIDConnectProvider):
         settings = cls.read_settings(name, reader, authorization_endpoint="", token_endpoint="")
         if oidc is None or settings is None:
             return None
-        hosted = tuple(dict.fromkeys(domain.lower() for domain in domains))
         return cls(name, settings, oidc, hosted_domains=hosted)
 
     def accepted_issuers(self, metadata: ProviderMetadata) -> frozenset[str]:
@@ -116,16 +113,13 @@ class GoogleProvider(OpenIDConnectProvider):
     def check_restrictions(self, identity: Identity) -> None:
         """With ``hosted_domains``, the ID Token's ``hd`` must be one of them: an account
         without ``hd`` (a consumer account) or of another organisation is refused."""
-        if not self.hosted_domains:
-            return
         hd = identity.hosted_domain
-        if hd is not None and hd.lower() in self.hosted_domains:
-            return
-        allowed = ", ".join(self.hosted_domains)
         found = "no hd claim" if hd is None else f"hd {hd[:100]!r}"
-        raise AccessDenied(
-            "domain_not_allowed",
-            detail=f"id_token has {found}, hosted_domains are {allowed}",
+        self.require_membership(
+            self.hosted_domains,
+            [hd.lower()] if hd is not None else [],
+            reason="domain_not_allowed",
+            detail=f"id_token has {found}, hosted_domains are {', '.join(self.hosted_domains)}",
             message="This Google account does not belong to an organisation allowed here. "
             "Sign in with your organisation's account.",
         )

@@ -15,18 +15,20 @@ import hashlib
 import hmac
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit
 
 import httpx
 
-from ._config import ConfigReader, check_url, sanitize_code
-from ._oauth2 import OAuth2Provider, OAuth2Settings, optional_str
+from ._config import ConfigReader, check_url
+from ._http import log_host, origin
+from ._oauth2 import OAuth2Provider, OAuth2Settings
 from .contract import BASE_FACTS, Identity, ProviderType, UpstreamTokens
 from .errors import AccessDenied, LoginFailed
 from .hookspecs import hookimpl
 
-__all__ = ["SalesforceProvider", "broker_register_providers", "identity_origins"]
+__all__ = ["SalesforceProvider", "SalesforceSettings", "broker_register_providers"]
 
 PRODUCTION, SANDBOX = "https://login.salesforce.com", "https://test.salesforce.com"
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -36,25 +38,24 @@ _IDENTITY_SCOPES = frozenset({"id", "profile", "email", "address", "phone", "ful
 """Scopes that open the identity URL (profile, email, address, phone are synonyms of id)."""
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+@dataclass(frozen=True)
+class SalesforceSettings(OAuth2Settings):
+    """The OAuth 2.0 keys plus the login host and the organisations allowed to sign in (their
+    ids' first 15 characters)."""
 
+    login_host: str = PRODUCTION
+    allowed_org_ids: frozenset[str] = frozenset()
 
-def _host(url: str) -> str:
-    """The host (and port) of ``url`` in log-safe characters."""
-    parts = urlsplit(url)
-    return sanitize_code(parts.hostname) + (f":{parts.port}" if parts.port else "")
-
-
-def identity_origins(login_host: str) -> frozenset[str]:
-    """Where Salesforce puts identity URLs for logins at ``login_host``: that host, and for a My
-    Domain also the general login host of its kind (``test`` for sandbox and scratch orgs)."""
-    host = (urlsplit(login_host).hostname or "").lower()
-    if not host.endswith(".my.salesforce.com"):
-        return frozenset({_origin(login_host)})
-    sandbox = host.endswith((".sandbox.my.salesforce.com", ".scratch.my.salesforce.com"))
-    return frozenset({_origin(login_host), SANDBOX if sandbox else PRODUCTION})
+    @property
+    def identity_origins(self) -> frozenset[str]:
+        """Where Salesforce puts identity URLs for logins at ``login_host``: that host, and for
+        a My Domain also the general login host of its kind (``test`` for sandbox and scratch
+        orgs)."""
+        host = (urlsplit(self.login_host).hostname or "").lower()
+        if not host.endswith(".my.salesforce.com"):
+            return frozenset({origin(self.login_host)})
+        sandbox = host.endswith((".sandbox.my.salesforce.com", ".scratch.my.salesforce.com"))
+        return frozenset({origin(self.login_host), SANDBOX if sandbox else PRODUCTION})
 
 
 class SalesforceProvider(OAuth2Provider):
@@ -64,32 +65,23 @@ class SalesforceProvider(OAuth2Provider):
     default_display_name: ClassVar[str | None] = "Salesforce"
     default_scopes: ClassVar[tuple[str, ...]] = ("id",)
     default_auth_method: ClassVar[str] = "client_secret_post"
+    authorization_path: ClassVar[str] = "/services/oauth2/authorize"
+    token_path: ClassVar[str] = "/services/oauth2/token"
+    # A refresh token when the token must outlive the login: refresh_token asked, either counts.
+    offline_scopes: ClassVar[tuple[str, ...]] = ("refresh_token", "offline_access")
+    settings_class = SalesforceSettings
     facts = BASE_FACTS | {"tenants"}
-
-    def __init__(
-        self, name: str, settings: OAuth2Settings, login_host: str, allowed_org_ids: Iterable[str]
-    ) -> None:
-        super().__init__(name, settings)
-        self.login_host = login_host
-        self.identity_origins = identity_origins(login_host)
-        self.allowed_org_ids = frozenset(org[:15] for org in allowed_org_ids)
+    settings: SalesforceSettings
 
     @classmethod
     def from_reader(cls, name: str, reader: ConfigReader) -> Self | None:
         host = cls.read_login_host(reader)
-        orgs = reader.string_list("allowed_org_ids", ())
-        for index in (i for i, org in enumerate(orgs) if not _ORG_ID.match(org)):
-            reader.problem(f"allowed_org_ids[{index}]", "must be a 15- or 18-character org id")
-        oauth2 = f"{host}/services/oauth2/"
-        settings = cls.read_settings(
-            name,
-            reader,
-            authorization_endpoint=oauth2 + "authorize",
-            token_endpoint=oauth2 + "token",
-        )
+        orgs = reader.pattern_list("allowed_org_ids", _ORG_ID, "a 15- or 18-character org id")
+        allowed = frozenset(org[:15] for org in orgs)  # the 18-character form adds a checksum
+        settings = cls.read_settings_under(name, reader, host)
         if settings is not None and not _IDENTITY_SCOPES & set(settings.scopes):
             reader.problem("scopes", "must contain id (the broker reads the identity URL)")
-        return None if settings is None or reader.problems else cls(name, settings, host, orgs)
+        return cls.build(name, reader, settings, login_host=host, allowed_org_ids=allowed)
 
     @staticmethod
     def read_login_host(reader: ConfigReader) -> str:
@@ -110,13 +102,6 @@ class SalesforceProvider(OAuth2Provider):
         elif sandbox != ("--" in name):
             reader.problem("my_domain", "a sandbox My Domain is MYDOMAIN--SANDBOX, sandbox: true")
         return f"https://{name}.{'sandbox.' if sandbox else ''}my.salesforce.com"
-
-    def scopes(self) -> tuple[str, ...]:
-        """The configured scopes, plus ``refresh_token`` when the token must outlive the login."""
-        scopes = self.settings.scopes
-        if self.requirements.offline and not {"refresh_token", "offline_access"} & set(scopes):
-            scopes = (*scopes, "refresh_token")
-        return scopes
 
     def token_context(
         self, body: Mapping[str, Any], previous: UpstreamTokens | None
@@ -142,9 +127,9 @@ class SalesforceProvider(OAuth2Provider):
         """The URL and its org and user ids, when it is on an allowed host and shaped right."""
         if not isinstance(url, str) or check_url(url, allow_query=False) is not None:
             raise LoginFailed("identity_url_invalid", detail=f"{where}: id is not an https URL")
-        if _origin(url) not in self.identity_origins:
-            allowed = " or ".join(sorted(_host(item) for item in self.identity_origins))
-            detail = f"{where}: identity URL on {_host(url)}, not on {allowed}"
+        if origin(url) not in self.settings.identity_origins:
+            allowed = " or ".join(sorted(log_host(item) for item in self.settings.identity_origins))
+            detail = f"{where}: identity URL on {log_host(url)}, not on {allowed}"
             raise LoginFailed("identity_url_host", detail=detail)
         match = _IDENTITY_PATH.match(urlsplit(url).path)
         if match is None:
@@ -176,22 +161,17 @@ class SalesforceProvider(OAuth2Provider):
         if body.get("active", True) is not True:
             message = f"Your {self.display_name} user is not active."
             raise AccessDenied("user_inactive", detail=f"{where}: {org}/{user}", message=message)
-        return Identity(
-            provider=self.name,
-            subject=f"{org}/{user}",
-            username=optional_str(body.get("username")),
-            name=optional_str(body.get("display_name")),
-            email=optional_str(body.get("email")),
-            email_verified=body.get("email_verified") is True,
-            tenants=(org,),
-        )
+        return self.identity_from(body, f"{org}/{user}", name="display_name", tenants=(org,))
 
     def check_restrictions(self, identity: Identity) -> None:
         org = identity.tenants[0]
-        if self.allowed_org_ids and org[:15] not in self.allowed_org_ids:
-            message = f"Your {self.display_name} organisation is not allowed to sign in here."
-            detail = f"organisation {org} is not in allowed_org_ids"
-            raise AccessDenied("org_not_allowed", detail=detail, message=message)
+        self.require_membership(
+            self.settings.allowed_org_ids,
+            [org[:15]],
+            reason="org_not_allowed",
+            detail=f"organisation {org} is not in allowed_org_ids",
+            message=f"Your {self.display_name} organisation is not allowed to sign in here.",
+        )
 
 
 @hookimpl

@@ -107,15 +107,15 @@ def test_config_defaults() -> None:
     assert provider.display_name == "GitHub"
     assert settings.authorization_endpoint == "https://github.com/login/oauth/authorize"
     assert settings.token_endpoint == "https://github.com/login/oauth/access_token"
-    assert provider.api_url == "https://api.github.com"
+    assert provider.settings.api_url == "https://api.github.com"
     assert settings.scopes == ("read:user", "user:email")
     assert provider.scopes() == ("read:user", "user:email")
     assert settings.token_endpoint_auth_method == "client_secret_post"
     assert settings.pkce is True
     assert settings.timeout == 10
     assert settings.extra_authorize_params == {}
-    assert provider.allowed_orgs == ()
-    assert provider.allowed_teams == ()
+    assert provider.settings.allowed_orgs == ()
+    assert provider.settings.allowed_teams == ()
 
 
 def test_config_base_urls_and_lists() -> None:
@@ -138,9 +138,9 @@ def test_config_base_urls_and_lists() -> None:
     )
     assert provider.display_name == "Acme GitHub"
     assert provider.settings.token_endpoint == "https://github.example.com/login/oauth/access_token"
-    assert provider.api_url == "https://api.github.example.com"
-    assert provider.allowed_orgs == ("acme", "globex")
-    assert provider.allowed_teams == ("acme/platform", "globex/research")
+    assert provider.settings.api_url == "https://api.github.example.com"
+    assert provider.settings.allowed_orgs == ("acme", "globex")
+    assert provider.settings.allowed_teams == ("acme/platform", "globex/research")
     assert provider.settings.scopes == ("read:user",)
     assert provider.scopes() == ("read:user", "read:org")
     assert provider.settings.token_endpoint_auth_method == "client_secret_basic"
@@ -156,7 +156,7 @@ def test_config_enterprise_url() -> None:
     )
     assert provider.settings.authorization_endpoint == "https://ghe.acme.com/login/oauth/authorize"
     assert provider.settings.token_endpoint == "https://ghe.acme.com/login/oauth/access_token"
-    assert provider.api_url == "https://ghe.acme.com/api/v3"
+    assert provider.settings.api_url == "https://ghe.acme.com/api/v3"
 
 
 def test_config_errors_name_every_key_path() -> None:

@@ -112,15 +112,15 @@ def test_config_defaults_are_production() -> None:
     provider = make_provider()
     settings = provider.settings
     assert provider.display_name == "Salesforce"
-    assert provider.login_host == PROD
+    assert provider.settings.login_host == PROD
     assert settings.authorization_endpoint == f"{PROD}/services/oauth2/authorize"
     assert settings.token_endpoint == f"{PROD}/services/oauth2/token"
     assert settings.scopes == ("id",)
     assert settings.token_endpoint_auth_method == "client_secret_post"
     assert settings.pkce is True
     assert settings.timeout == 10
-    assert provider.allowed_org_ids == frozenset()
-    assert provider.identity_origins == {PROD}
+    assert provider.settings.allowed_org_ids == frozenset()
+    assert provider.settings.identity_origins == {PROD}
     assert make_provider(display_name="Acme CRM").display_name == "Acme CRM"
 
 
@@ -149,9 +149,9 @@ SITE = "https://acme.my.site.com"
 )
 def test_login_hosts(config: dict[str, Any], host: str, identity_hosts: set[str]) -> None:
     provider = make_provider(**config)
-    assert provider.login_host == host
+    assert provider.settings.login_host == host
     assert provider.settings.token_endpoint == f"{host}/services/oauth2/token"
-    assert provider.identity_origins == identity_hosts
+    assert provider.settings.identity_origins == identity_hosts
     request = new_login_request()
     url = provider.login_url(request, httpx.Client())
     assert url.startswith(f"{host}/services/oauth2/authorize?")
@@ -243,7 +243,7 @@ def test_config_conflicts_and_errors(config: dict[str, Any], problems: list[str]
 
 def test_org_ids_compare_on_their_first_15_characters() -> None:
     provider = make_provider(allowed_org_ids=[ACME_ORG[:15], OTHER_ORG])
-    assert provider.allowed_org_ids == {ACME_ORG[:15], OTHER_ORG[:15]}
+    assert provider.settings.allowed_org_ids == {ACME_ORG[:15], OTHER_ORG[:15]}
 
 
 # -- the authorization request -----------------------------------------------------------------
