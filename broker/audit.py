@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.orm import Session
 
 from .db import utcnow
@@ -33,6 +33,7 @@ EVENT_TYPES = frozenset(
         "register",
         "exchange",
         "admin",
+        "recheck",
     }
 )
 
@@ -90,13 +91,21 @@ def as_dict(row: AuditEvent) -> dict[str, Any]:
 
 @event.listens_for(Session, "after_commit")
 def _log_committed(session: Session) -> None:
+    # A savepoint's release fires this event too: its events wait for the outer commit.
+    if session.in_nested_transaction():
+        return
     pending = session.info.pop(_PENDING, None)
     if not pending or not log.isEnabledFor(logging.INFO):
         return
     for row in pending:
-        log.info(json.dumps(as_dict(row), sort_keys=True, default=str))
+        # An event added inside a savepoint that was rolled back never reached the database.
+        if inspect(row).persistent:
+            log.info(json.dumps(as_dict(row), sort_keys=True, default=str))
 
 
 @event.listens_for(Session, "after_rollback")
 def _drop_rolled_back(session: Session) -> None:
-    session.info.pop(_PENDING, None)
+    # A savepoint's rollback keeps the outer transaction's events (its own are expunged, and
+    # skipped at the commit); the outer rollback drops them all.
+    if not session.in_nested_transaction():
+        session.info.pop(_PENDING, None)

@@ -34,13 +34,13 @@ from werkzeug.wrappers import Request, Response
 
 from providers.contract import Identity as UpstreamIdentity
 from providers.contract import LoginResult
+from providers.errors import AccessDenied, LoginFailed, ProviderError, UpstreamUnavailable
 
 from . import audit, policy
 from .config import ResourceSettings, Settings
 from .crypto import Sealer, new_token, token_hash
 from .db import rows_affected, utcnow
 from .models import (
-    AuditEvent,
     BrowserSession,
     Client,
     Consent,
@@ -109,6 +109,16 @@ Step = str | Denied | SignIn | AskUser
 error), a refusal page, a provider's sign-in, or the consent (or confirmation) page."""
 
 ConsentPage = Literal["consent", "confirm", "sign_in"]
+
+
+@dataclass(frozen=True)
+class ConsentScreen:
+    """What the consent page shows: ``view`` (:meth:`AuthorizationFlow.consent_view`) and the
+    sign-in methods allowed here (never empty)."""
+
+    login_id: str
+    providers: list[str]
+    view: dict[str, Any]
 
 
 def error_redirect(
@@ -472,6 +482,154 @@ class AuthorizationFlow:
         """``prompt=login`` (OIDC Core 3.1.2.1): sign in again, even with a broker session."""
         return "login" in AuthorizationFlow.prompts(pending)
 
+    # -- the sign-in pages: one call per request of broker/views/login.py -----------------
+
+    def consent_screen(
+        self,
+        session: Session,
+        login_id: str | None,
+        browser_hash: str | None,
+        session_cookie: str | None,
+        provider_names: list[str],
+    ) -> ConsentScreen:
+        """The consent page (or the confirmation) of a pending login; a 403 page when no
+        sign-in method is allowed for its client and resource."""
+        pending = self.pending(session, login_id, browser_hash)
+        client = self.client(session, pending)
+        resource = self.resource(pending)
+        allowed = self.allowed_providers(client, resource, provider_names)
+        browser = self.browser_session(session, session_cookie)
+        view = self.consent_view(session, pending, allowed, browser)
+        if not allowed:
+            raise FlowError(
+                403,
+                "No sign-in method",
+                "No sign-in method is allowed for this "
+                "application and resource. Contact your administrator.",
+            )
+        return ConsentScreen(pending.id, allowed, view)
+
+    def consent_decision(
+        self,
+        session: Session,
+        login_id: str,
+        browser_hash: str | None,
+        action: str | None,
+        choice: str,
+        session_cookie: str | None,
+        provider_names: list[str],
+        address: str | None,
+    ) -> Step:
+        """The consent form: ``deny`` (back to the client with ``access_denied``), or
+        ``approve`` as the signed-in user (``choice`` is ``session``: "Allow", or the
+        confirmation) or with the sign-in method ``choice``."""
+        pending = self.pending(session, login_id, browser_hash)
+        if action == "deny":
+            return self.deny(session, pending, address)
+        if action != "approve":
+            raise FlowError(400, "Invalid form", "Choose approve or deny.")
+        client = self.client(session, pending)
+        resource = self.resource(pending)
+        allowed = self.allowed_providers(client, resource, provider_names)
+        if choice == "session":
+            browser = self.browser_session(session, session_cookie)
+            identity = self.usable_identity(session, pending, browser, allowed)
+            if browser is None or identity is None:
+                raise FlowError(400, "Session ended", "Your session has ended; sign in again.")
+            pending.approved_at = utcnow()
+            return self.finish(session, pending, identity, address, auth_time=browser.created_at)
+        if choice not in allowed:
+            raise FlowError(
+                400, "Invalid sign-in method", "That sign-in method is not available here."
+            )
+        return self.sign_in(session, pending, choice)
+
+    def password_login(
+        self, session: Session, login_id: str, browser_hash: str | None, provider: str
+    ) -> PendingLogin:
+        """The pending login a form-login provider's page belongs to: approved, and for
+        ``provider`` (the form never replaces the consent page)."""
+        pending = self.pending(session, login_id, browser_hash)
+        if pending.approved_at is None or pending.provider != provider:
+            raise FlowError(
+                400,
+                "Consent required",
+                "Approve the application's request first. Start again from your application.",
+            )
+        return pending
+
+    def password_failed(
+        self, session: Session, provider: str, actor: str, address: str | None
+    ) -> None:
+        """A wrong username or password: the failure event, in a transaction of its own (it
+        stays, whatever the request does next)."""
+        audit.record(
+            session,
+            "login",
+            "failure",
+            provider=provider,
+            actor=actor,
+            reason="bad_credentials",
+            address=address,
+        )
+
+    def complete_password_login(
+        self,
+        session: Session,
+        login_id: str,
+        browser_hash: str | None,
+        provider: str,
+        result: LoginResult,
+        address: str | None,
+    ) -> tuple[str | Denied, str | None]:
+        """The form-login provider said who the user is: :meth:`complete_login`."""
+        pending = self.password_login(session, login_id, browser_hash, provider)
+        return self.complete_login(session, pending, result, address)
+
+    def finish_upstream(
+        self,
+        session: Session,
+        pending_id: str,
+        display_name: str,
+        answer: LoginResult | ProviderError,
+        address: str | None,
+    ) -> tuple[str | Denied, str | None]:
+        """The upstream's answer to the login :meth:`consume_upstream_state` consumed: who the
+        user is (:meth:`complete_login`), or why not. The provider's own refusal, or an answer
+        that could not be verified, gets a page (:meth:`provider_refused`); the user saying no
+        at the upstream, an unavailable or failing provider go back to the client
+        (:meth:`upstream_failed`). Returns the outcome and the new session cookie value."""
+        pending = session.get(PendingLogin, pending_id)
+        assert pending is not None
+        if isinstance(answer, LoginResult):
+            return self.complete_login(session, pending, answer, address)
+        if isinstance(answer, AccessDenied) and answer.reason == "upstream_denied":
+            # As the consent page's own deny button does.
+            return self.upstream_failed(
+                session, pending, "access_denied", answer.reason, address
+            ), None
+        if isinstance(answer, AccessDenied):
+            message = answer.message or (
+                f"Your {display_name} account is not allowed to sign in here."
+            )
+            return self.provider_refused(session, pending, answer.reason, message, address), None
+        if isinstance(answer, LoginFailed):
+            message = answer.message or (
+                f"The sign-in with {display_name} could not be completed: its "
+                "answer could not be verified. Try again; if it keeps failing, tell your "
+                "administrator."
+            )
+            return self.provider_refused(
+                session, pending, answer.reason, message, address, failed=True
+            ), None
+        if isinstance(answer, UpstreamUnavailable):
+            return self.upstream_failed(
+                session, pending, "temporarily_unavailable", "upstream_unavailable", address
+            ), None
+        return self.upstream_failed(
+            session, pending, "access_denied", "provider_error", address
+        ), None
+
     # -- after approval --------------------------------------------------------------------
 
     def approve(
@@ -491,15 +649,14 @@ class AuthorizationFlow:
 
     def deny(self, session: Session, pending: PendingLogin, address: str | None) -> str:
         pending.completed_at = utcnow()
-        session.add(
-            AuditEvent(
-                type="consent",
-                outcome="denied",
-                client_id=pending.client_id,
-                resource=pending.resource,
-                address=address,
-                reason="user_denied",
-            )
+        audit.record(
+            session,
+            "consent",
+            "denied",
+            client_id=pending.client_id,
+            resource=pending.resource,
+            address=address,
+            reason="user_denied",
         )
         return self._client_redirect(
             session, pending, "access_denied", "The user denied the request."
@@ -595,16 +752,15 @@ class AuthorizationFlow:
     def upstream_failed(
         self, session: Session, pending: PendingLogin, error: str, reason: str, address: str | None
     ) -> str:
-        session.add(
-            AuditEvent(
-                type="login",
-                outcome="failure",
-                client_id=pending.client_id,
-                resource=pending.resource,
-                provider=pending.provider,
-                reason=reason[:255],
-                address=address,
-            )
+        audit.record(
+            session,
+            "login",
+            "failure",
+            client_id=pending.client_id,
+            resource=pending.resource,
+            provider=pending.provider,
+            reason=reason,
+            address=address,
         )
         descriptions = {
             "access_denied": "The sign-in was not completed.",
@@ -775,17 +931,16 @@ class AuthorizationFlow:
         address: str | None,
     ) -> Denied:
         client = self.client(session, pending)
-        session.add(
-            AuditEvent(
-                type="deny",
-                outcome="denied",
-                user_id=user_id,
-                client_id=client.client_id,
-                resource=pending.resource,
-                provider=provider,
-                reason=reason[:255],
-                address=address,
-            )
+        audit.record(
+            session,
+            "deny",
+            "denied",
+            user_id=user_id,
+            client_id=client.client_id,
+            resource=pending.resource,
+            provider=provider,
+            reason=reason,
+            address=address,
         )
         return self._denied(session, pending, reason, "Access denied by policy.")
 
@@ -866,17 +1021,16 @@ class AuthorizationFlow:
             created_at=now,
         )
         session.add(grant_row)
-        session.add(
-            AuditEvent(
-                type="login",
-                outcome="success",
-                user_id=identity.user_id,
-                client_id=client.client_id,
-                resource=resource.uri,
-                provider=identity.provider,
-                address=address,
-                details={"grant": grant_row.id, "scope": grant_row.scope},
-            )
+        audit.record(
+            session,
+            "login",
+            "success",
+            user_id=identity.user_id,
+            client_id=client.client_id,
+            resource=resource.uri,
+            provider=identity.provider,
+            address=address,
+            details={"grant": grant_row.id, "scope": grant_row.scope},
         )
         session.flush()
         oauth_request = self.server.stored_authorization_request(pending.request_params)
@@ -929,13 +1083,12 @@ class AuthorizationFlow:
             consent.redirect_digest = digest
             consent.granted_at = now
             consent.revoked_at = None
-        session.add(
-            AuditEvent(
-                type="consent",
-                outcome="success",
-                user_id=user_id,
-                client_id=client.client_id,
-                resource=resource,
-                details={"scopes": sorted(set(scopes))},
-            )
+        audit.record(
+            session,
+            "consent",
+            "success",
+            user_id=user_id,
+            client_id=client.client_id,
+            resource=resource,
+            details={"scopes": sorted(set(scopes))},
         )

@@ -37,9 +37,10 @@ from sqlalchemy import delete, or_, update
 from providers.contract import RefreshingProvider, UpstreamTokens
 from providers.errors import LoginFailed, UpstreamUnavailable
 
+from . import audit
 from .crypto import SEAL_VERSION, Sealer, SealError
 from .db import Database, rows_affected, utcnow
-from .models import AuditEvent, Identity, UpstreamToken
+from .models import Identity, UpstreamToken
 from .plugins import ProviderRegistry
 
 log = logging.getLogger(__name__)
@@ -451,16 +452,15 @@ class UpstreamTokenService:
                     .values(refresh_lock_until=None)
                 )
             identity = session.get(Identity, seen.identity_id)
-            session.add(
-                AuditEvent(
-                    type="exchange",
-                    outcome="failure",
-                    reason="upstream_refresh_refused",
-                    user_id=identity.user_id if identity is not None else None,
-                    client_id=client_id,
-                    resource=resource,
-                    provider=seen.provider,
-                    address=address,
-                    details={"identity": seen.identity_id, "cause": reason[:64]},
-                )
+            audit.record(
+                session,
+                "exchange",
+                "failure",
+                reason="upstream_refresh_refused",
+                user_id=identity.user_id if identity is not None else None,
+                client_id=client_id,
+                resource=resource,
+                provider=seen.provider,
+                address=address,
+                details={"identity": seen.identity_id, "cause": reason[:64]},
             )

@@ -60,9 +60,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .. import audit
 from ..config import CIMDSettings, Settings
 from ..db import Database, utcnow
-from ..models import AuditEvent, Client, ClientMetadataFailure
+from ..models import Client, ClientMetadataFailure
 from ..ratelimit import RateLimiter
 from .clients import is_loopback_redirect
 from .rfc7591 import normalize_client_metadata
@@ -816,15 +817,14 @@ class ClientMetadataDocuments:
                     .values(client_id=client_id, **values)
                     .on_conflict_do_update(index_elements=["client_id"], set_=values)
                 )
-            session.add(
-                AuditEvent(
-                    type="register",
-                    outcome="failure",
-                    client_id=client_id[:MAX_URL_LENGTH],
-                    reason=exc.reason,
-                    address=address,
-                    details={"kind": "cimd", "known": known},
-                )
+            audit.record(
+                session,
+                "register",
+                "failure",
+                client_id=client_id[:MAX_URL_LENGTH],
+                reason=exc.reason,
+                address=address,
+                details={"kind": "cimd", "known": known},
             )
 
     def _store(
@@ -877,17 +877,16 @@ class ClientMetadataDocuments:
         session.flush()
         if event is not None:
             log.info("client metadata document %s: %s", event, client_id)
-            session.add(
-                AuditEvent(
-                    type="register",
-                    outcome="success",
-                    client_id=client_id,
-                    address=address,
-                    reason=event,
-                    details={
-                        "kind": "cimd",
-                        "client_name": row.name,
-                        "redirect_uris": row.redirect_uris,
-                    },
-                )
+            audit.record(
+                session,
+                "register",
+                "success",
+                client_id=client_id,
+                address=address,
+                reason=event,
+                details={
+                    "kind": "cimd",
+                    "client_name": row.name,
+                    "redirect_uris": row.redirect_uris,
+                },
             )

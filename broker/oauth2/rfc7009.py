@@ -19,7 +19,7 @@ from typing import Any
 from authlib.oauth2.rfc6749 import InvalidRequestError
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 
-from ..models import AuditEvent
+from .. import audit
 from .rfc6749 import CLIENT_AUTH_METHODS
 from .tokens import KnownToken, OwnTokenLookup, revoke_access_token
 
@@ -50,13 +50,12 @@ class TokenRevocation(OwnTokenLookup, RevocationEndpoint):  # type: ignore[misc]
             revoke_grant(state.session, token.grant.id, "revoked_by_client")
         else:
             revoke_access_token(state.session, token)
-        state.session.add(
-            AuditEvent(
-                type="revoke",
-                outcome="success",
-                client_id=token.client_id,
-                user_id=str(token.claims.get("sub")),
-                address=state.address,
-                reason=f"{token.kind}_revoked_by_client",
-            )
+        audit.record(
+            state.session,
+            "revoke",
+            "success",
+            client_id=token.client_id,
+            user_id=str(token.claims.get("sub")),
+            address=state.address,
+            reason=f"{token.kind}_revoked_by_client",
         )

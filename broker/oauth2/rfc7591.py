@@ -37,10 +37,11 @@ from urllib.parse import urlsplit
 from authlib.oauth2.rfc7591 import ClientRegistrationEndpoint
 from authlib.oauth2.rfc7591.errors import InvalidClientMetadataError, InvalidRedirectURIError
 
+from .. import audit
 from ..config import is_loopback_host
 from ..crypto import hash_client_secret
 from ..db import utcnow
-from ..models import AuditEvent, Client
+from ..models import Client
 from .clients import redirect_uri_problem
 
 SUPPORTED_GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -248,13 +249,12 @@ class ClientRegistration(ClientRegistrationEndpoint):  # type: ignore[misc]
             expires_at=now + dt.timedelta(seconds=server.settings.registration_ttl),
         )
         state.session.add(row)
-        state.session.add(
-            AuditEvent(
-                type="register",
-                outcome="success",
-                client_id=row.client_id,
-                address=state.address,
-                details={"client_name": row.name, "redirect_uris": row.redirect_uris},
-            )
+        audit.record(
+            state.session,
+            "register",
+            "success",
+            client_id=row.client_id,
+            address=state.address,
+            details={"client_name": row.name, "redirect_uris": row.redirect_uris},
         )
         return row

@@ -52,9 +52,10 @@ from authlib.oauth2.rfc6749.errors import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .. import audit
 from ..db import utcnow
 from ..keys import KeyRing, verification_key
-from ..models import AuditEvent, Identity, RevokedToken, SigningKey, User
+from ..models import Identity, RevokedToken, SigningKey, User
 from ..plugins import ProviderRegistry
 from ..upstream import SignInRequired, UpstreamTokenService, UpstreamTokenUnavailable
 from .clients import OAuthClient
@@ -296,20 +297,19 @@ class TokenExchangeGrant(grants.BaseGrant, grants.TokenEndpointMixin):  # type: 
         if current.scope:
             body["scope"] = current.scope
         body["upstream"] = upstream_member
-        state.session.add(
-            AuditEvent(
-                type="exchange",
-                outcome="success",
-                user_id=exchange.user_id,
-                client_id=exchange.client_id,
-                resource=exchange.resource,
-                provider=exchange.provider,
-                address=state.address,
-                details={
-                    "subject_client": exchange.subject_client_id,
-                    "refreshed": current.refreshed,
-                },
-            )
+        audit.record(
+            state.session,
+            "exchange",
+            "success",
+            user_id=exchange.user_id,
+            client_id=exchange.client_id,
+            resource=exchange.resource,
+            provider=exchange.provider,
+            address=state.address,
+            details={
+                "subject_client": exchange.subject_client_id,
+                "refreshed": current.refreshed,
+            },
         )
         headers: list[tuple[str, str]] = list(self.TOKEN_RESPONSE_HEADER)
         return 200, body, headers

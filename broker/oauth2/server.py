@@ -33,11 +33,12 @@ from werkzeug.wrappers import Request, Response
 
 from providers.contract import Identity as UpstreamIdentity
 
+from .. import audit
 from ..config import Settings
 from ..crypto import Sealer, new_token, token_hash
 from ..db import Database, utcnow
 from ..keys import KeyRing
-from ..models import AuditEvent, Client, Grant, Identity, RefreshToken
+from ..models import Client, Grant, Identity, RefreshToken
 from .client_credentials import ClientCredentialsGrant, ClientSubject
 from .clients import OAuthClient
 from .rfc6749 import (
@@ -230,17 +231,16 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             for grant_id, reason in state.revocations:
                 revoke_grant(session, grant_id, reason)
                 grant = session.get(Grant, grant_id)
-                session.add(
-                    AuditEvent(
-                        type="revoke",
-                        outcome="success",
-                        reason=reason,
-                        user_id=grant.user_id if grant else None,
-                        client_id=grant.client_id if grant else None,
-                        resource=grant.resource if grant else None,
-                        address=state.address,
-                        details={"grant": grant_id},
-                    )
+                audit.record(
+                    session,
+                    "revoke",
+                    "success",
+                    reason=reason,
+                    user_id=grant.user_id if grant else None,
+                    client_id=grant.client_id if grant else None,
+                    resource=grant.resource if grant else None,
+                    address=state.address,
+                    details={"grant": grant_id},
                 )
                 log.warning("grant revoked: %s (grant %s)", reason, grant_id)
 
@@ -385,15 +385,14 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             if row.kind == "dcr":  # an unused registration expires; a used one lives on
                 row.expires_at = now + ttl
         if isinstance(request.user, ClientSubject):
-            session.add(
-                AuditEvent(
-                    type="issue",
-                    outcome="success",
-                    client_id=request.user.client_id,
-                    resource=request.user.resource,
-                    address=state.address,
-                    details={"grant_type": "client_credentials", "scope": token.get("scope", "")},
-                )
+            audit.record(
+                session,
+                "issue",
+                "success",
+                client_id=request.user.client_id,
+                resource=request.user.resource,
+                address=state.address,
+                details={"grant_type": "client_credentials", "scope": token.get("scope", "")},
             )
             return
         plaintext = token.get("refresh_token")
@@ -438,16 +437,15 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
                 idle_expires_at=min(expires, now + dt.timedelta(seconds=tokens.refresh_idle_ttl)),
             )
         )
-        session.add(
-            AuditEvent(
-                type="issue" if credential is None else "refresh",
-                outcome="success",
-                user_id=grant.user_id,
-                client_id=grant.client_id,
-                resource=grant.resource,
-                address=state.address,
-                details={"grant": grant.id, "scope": token.get("scope", "")},
-            )
+        audit.record(
+            session,
+            "issue" if credential is None else "refresh",
+            "success",
+            user_id=grant.user_id,
+            client_id=grant.client_id,
+            resource=grant.resource,
+            address=state.address,
+            details={"grant": grant.id, "scope": token.get("scope", "")},
         )
 
 
