@@ -225,3 +225,34 @@ def revoke_user(session: Session, user: User, *, actor: str) -> list[str]:
     )
     end_browser_sessions(session, user.id)
     return ids
+
+
+def withdraw_consent(
+    session: Session, *, user_id: str, client_id: str, resource: str, actor: str
+) -> bool:
+    """Withdraw a user's consent for a client and a resource: the next authorization of that
+    client asks again (grants already issued are not touched: see :func:`revoke_grants`).
+    Returns whether there was a consent to withdraw."""
+    result = session.execute(
+        update(Consent)
+        .where(
+            Consent.user_id == user_id,
+            Consent.client_id == client_id,
+            Consent.resource == resource,
+            Consent.revoked_at.is_(None),
+        )
+        .values(revoked_at=utcnow())
+    )
+    withdrawn = bool(getattr(result, "rowcount", 0))
+    if withdrawn:
+        audit.record(
+            session,
+            "consent",
+            "success",
+            user_id=user_id,
+            client_id=client_id,
+            resource=resource,
+            actor=actor,
+            reason="consent_withdrawn",
+        )
+    return withdrawn

@@ -17,7 +17,7 @@ from werkzeug.wrappers import Response
 
 from .. import get_broker
 from ..ratelimit import RateLimiter, address_subject
-from . import health, login, oauth, well_known
+from . import account, health, login, oauth, well_known
 from ._web import (
     RATE_LIMITER,
     body_too_large,
@@ -69,7 +69,7 @@ def _is_api() -> bool:
 
 
 def init_app(app: Flask) -> None:
-    for module in (well_known, oauth, login, health):
+    for module in (well_known, oauth, login, account, health):
         app.register_blueprint(module.bp)
     _init_rate_limits(app)
 
