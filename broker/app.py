@@ -25,6 +25,7 @@ from .oauth2.rfc7662 import TokenIntrospection
 from .oauth2.rfc8693 import register_token_exchange
 from .oauth2.server import BrokerAuthorizationServer
 from .plugins import ProviderRegistry, plugin_manager
+from .recheck import UpstreamRecheck
 from .throttle import LoginThrottle, redis_client
 
 __all__ = ["Broker", "create_app"]
@@ -46,6 +47,7 @@ class Broker:
     http: httpx.Client
     cimd: ClientMetadataDocuments
     throttle: LoginThrottle
+    recheck: UpstreamRecheck
 
 
 def create_app(
@@ -53,12 +55,14 @@ def create_app(
     *,
     plugins: tuple[object, ...] = (),
     check_schema: bool = True,
+    check_keys: bool = True,
 ) -> Flask:
     """The application factory.
 
     ``config`` is a :class:`Settings`, a path to ``broker.yaml``, or ``None`` for
     ``$BROKER_CONFIG``. A bad configuration raises :class:`broker.config.ConfigError` listing every
-    problem with its key path.
+    problem with its key path; so does a ``secret_key`` that opens no signing key in the database
+    (unless ``check_keys`` is false: ``broker keys reseal --discard-unreadable``).
     """
     settings = config if isinstance(config, Settings) else config_module.load(config)
     app = Flask(
@@ -86,13 +90,19 @@ def create_app(
         if status.problems:
             db.dispose()
             raise config_module.ConfigError([f"database_url: {p}" for p in status.problems])
-    sealer = Sealer(settings.secret_key)
+    sealer = Sealer(settings.secret_key, previous=settings.previous_secret_keys)
     keys = KeyRing(sealer, settings.tokens.signing_alg, access_ttl=settings.tokens.access_ttl)
     with db.session() as session:
-        keys.ensure_active(session)  # first start: create the signing key
-        keys.ensure_next(session)  # and the next one, published before it ever signs
-        if settings.tokens.key_rotation_days:
-            keys.rotate_if_older(session, dt.timedelta(days=settings.tokens.key_rotation_days))
+        # Before anything is created: a changed secret_key would otherwise answer 500 at /token.
+        unreadable = keys.startup_problem(session) if check_keys else None
+        if unreadable is None:
+            keys.ensure_active(session)  # first start: create the signing key
+            keys.ensure_next(session)  # and the next one, published before it ever signs
+            if settings.tokens.key_rotation_days:
+                keys.rotate_if_older(session, dt.timedelta(days=settings.tokens.key_rotation_days))
+    if unreadable is not None:
+        db.dispose()
+        raise config_module.ConfigError([unreadable])
     server = BrokerAuthorizationServer(settings, db, keys, sealer)
     server.register_endpoint(ClientRegistration)
     server.register_endpoint(TokenRevocation)
@@ -102,7 +112,7 @@ def create_app(
         follow_redirects=False,
         headers={"User-Agent": "mcp-identity-broker"},
     )
-    register_token_exchange(server, providers, http)
+    upstream_tokens = register_token_exchange(server, providers, http)
     app.extensions["broker"] = Broker(
         settings,
         db,
@@ -117,6 +127,7 @@ def create_app(
             redis_client(settings.redis_url) if settings.redis_url else None,
             prefix=settings.redis_prefix,
         ),
+        UpstreamRecheck(settings, db, providers, upstream_tokens, http),
     )
 
     from .views import init_app as init_views

@@ -429,6 +429,57 @@ def keys_rotate(ctx: click.Context, force: bool) -> None:
     click.echo(f"next: {rotation.next}")
 
 
+@keys.command("reseal")
+@click.option("--dry-run", is_flag=True, help="Count what would be re-sealed; change nothing.")
+@click.option(
+    "--discard-unreadable",
+    is_flag=True,
+    help="The old secret is lost: retire signing keys and delete upstream tokens and sign-ins "
+    "that no configured secret opens (their users sign in again).",
+)
+@click.pass_context
+def keys_reseal(ctx: click.Context, dry_run: bool, discard_unreadable: bool) -> None:
+    """Seal every sealed value again under secret_key, so previous_secret_keys can be emptied."""
+    from . import create_app
+    from .keys import reseal
+
+    path = ctx.find_root().params.get("config") or os.environ.get(ENV_CONFIG)
+    try:
+        # --discard-unreadable is what repairs a database the start-up check refuses.
+        app = create_app(path, check_keys=not discard_unreadable)
+    except ConfigError as exc:
+        _fail(exc)
+    broker = app.extensions["broker"]
+    try:
+        counts = reseal(
+            broker.db, broker.keys, dry_run=dry_run, discard_unreadable=discard_unreadable
+        )
+    finally:
+        _close(app)
+    verb = "would re-seal" if dry_run else "re-sealed"
+    for count in counts:
+        line = f"{count.table}: {count.resealed} {verb}, {count.current} already current"
+        line += f", {count.unreadable} open with no key"
+        if count.discarded:
+            line += f" ({count.discarded} discarded)"
+        if count.left:
+            line += f", {count.left} still under a previous secret"
+        click.echo(line)
+    left = sum(count.left for count in counts)
+    kept = sum(count.unreadable - count.discarded for count in counts)
+    if dry_run:
+        return
+    if left:
+        click.echo(f"broker keys reseal: {left} row(s) were in use; run it again", err=True)
+        sys.exit(1)
+    if kept and not discard_unreadable:
+        click.echo(
+            f"{kept} row(s) open with no configured secret and were left alone "
+            "(--discard-unreadable drops them)"
+        )
+    click.echo("every readable value is sealed under secret_key: previous_secret_keys can go")
+
+
 @contextlib.contextmanager
 def _session(ctx: click.Context) -> Iterator[Any]:
     """One transaction of the configured broker's database (committed when the command ends)."""
@@ -707,3 +758,80 @@ def _settings(ctx: click.Context) -> Any:
 def init_app(app: Flask) -> None:
     """Make the broker's groups available as ``flask --app wsgi broker ...`` too."""
     app.cli.add_command(main, "broker")
+
+
+@main.command("explain")
+@click.option(
+    "--identity",
+    "identity_file",
+    type=click.Path(dir_okay=False),
+    help="A YAML or JSON file describing the identity (the shape of a stored snapshot).",
+)
+@click.option("--user", help="A user already signed in: id, provider:subject or email.")
+@click.option("--resource", "resource_uri", required=True, help="A configured resource's URI.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    help="A scope the client asks (repeatable or space-separated; default: every scope).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def explain_cmd(
+    ctx: click.Context,
+    identity_file: str | None,
+    user: str | None,
+    resource_uri: str,
+    scopes: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """The policy decision for an identity and a resource, and the rules that made it.
+
+    Exit code 0 when a sign-in would be allowed, 1 when refused, 2 for a usage or config error.
+    """
+    from providers.contract import provider_facts
+
+    from . import explain
+    from .plugins import ProviderRegistry, plugin_manager
+
+    if (identity_file is None) == (user is None):
+        raise click.UsageError("give exactly one of --identity FILE and --user REF")
+    settings = _settings(ctx)
+    try:
+        registry = ProviderRegistry.for_settings(plugin_manager(), settings)
+    except ConfigError as exc:
+        _fail(exc)
+    facts = {name: provider_facts(provider) for name, provider in registry.items()}
+    resource = settings.resource(resource_uri)
+    if resource is None:
+        configured = ", ".join(r.uri for r in settings.resources) or "none"
+        click.echo(
+            f"broker explain: --resource {resource_uri}: not a configured resource "
+            f"(configured: {configured})",
+            err=True,
+        )
+        sys.exit(2)
+    notes: tuple[str, ...] = ()
+    try:
+        if identity_file is not None:
+            identity = explain.read_identity_file(identity_file, facts)
+        else:
+            with (
+                _database(ctx, settings) as database,
+                _migration_errors("explain"),
+                database.read() as session,
+            ):
+                stored = explain.stored_identity(session, user or "")
+            identity, notes = stored.identity, stored.notes()
+    except explain.ExplainError as exc:
+        for problem in exc.problems:
+            click.echo(f"broker explain: {problem}", err=True)
+        sys.exit(2)
+    result = explain.explain(
+        settings, resource, identity, scopes, configured_providers=facts, notes=notes
+    )
+    if as_json:
+        click.echo(json.dumps(explain.as_json(result), indent=2))
+    else:
+        click.echo(explain.render_text(result))
+    sys.exit(result.exit_code)

@@ -81,6 +81,10 @@ class RateLimit:
 RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*$")
 
+DEFAULT_RECHECK_INTERVAL = 3600
+"""Seconds between re-checks of a user at a provider that can re-check (GitHub membership,
+Atlassian sites, an OpenID provider's userinfo); ``recheck_interval: 0`` turns them off."""
+
 DEFAULT_RATE_LIMITS: dict[str, dict[str, RateLimit]] = {
     # Claude registers on every fresh connection, from Anthropic's servers: one address for
     # every Claude user of the broker. The default holds a flood and lets a company through.
@@ -119,11 +123,16 @@ class Settings:
     database_url: str
     instance_path: str
     base_dir: str
+    # Older root secrets: what they sealed still opens until ``broker keys reseal`` re-seals it.
+    previous_secret_keys: tuple[str, ...] = ()
     redis_url: str | None = None
     redis_prefix: str = "broker:"
     trust_proxy: bool = False
     tokens: TokenSettings = field(default_factory=TokenSettings)
     providers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Seconds between re-checks of a user upstream, per provider (0: never); read by the broker,
+    # never passed to the provider.
+    recheck_intervals: Mapping[str, int] = field(default_factory=dict)
     resources: tuple[ResourceSettings, ...] = ()
     rules: tuple[RuleSettings, ...] = ()
     registration_ttl: int = 7 * 24 * 3600
@@ -469,6 +478,7 @@ TOP_LEVEL = {
     "issuer",
     "database_url",
     "secret_key",
+    "previous_secret_keys",
     "redis_url",
     "redis_prefix",
     "trust_proxy",
@@ -506,6 +516,12 @@ def parse(
     secret_key = reader.string(data, "secret_key", "", required=True) or ""
     if secret_key and len(secret_key) < 32:
         problems.append("secret_key: must be at least 32 characters (use `openssl rand -hex 32`)")
+    previous_secret_keys = reader.strings(data, "previous_secret_keys", "") or ()
+    for index, old in enumerate(previous_secret_keys):
+        if len(old) < 32:
+            problems.append(f"previous_secret_keys[{index}]: must be at least 32 characters")
+        elif old == secret_key:
+            problems.append(f"previous_secret_keys[{index}]: is the current secret_key")
 
     instance_path = reader.string(
         data, "instance_path", "", default=str(Path(base_dir) / "instance")
@@ -562,13 +578,26 @@ def parse(
 
     providers_raw = reader.mapping(data.get("providers"), "providers")
     providers: dict[str, Mapping[str, Any]] = {}
+    recheck_intervals: dict[str, int] = {}
     for name, conf in providers_raw.items():
         if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_-]{0,31}$", name):
             problems.append(
                 f"providers.{name}: provider names are lower-case letters, digits, - and _"
             )
             continue
-        providers[name] = reader.mapping(conf, f"providers.{name}")
+        provider_conf = dict(reader.mapping(conf, f"providers.{name}"))
+        recheck_intervals[name] = reader.integer(
+            provider_conf,
+            "recheck_interval",
+            f"providers.{name}",
+            DEFAULT_RECHECK_INTERVAL,
+            minimum=0,
+            maximum=30 * 86400,
+        )
+        if 0 < recheck_intervals[name] < 60:
+            problems.append(f"providers.{name}.recheck_interval: must be 0 (never) or >= 60")
+        provider_conf.pop("recheck_interval", None)
+        providers[name] = provider_conf
     if not providers:
         problems.append("providers: at least one provider is required")
 
@@ -644,6 +673,8 @@ def parse(
         trust_proxy=reader.boolean(data, "trust_proxy", "", False),
         tokens=tokens,
         providers=providers,
+        recheck_intervals=recheck_intervals,
+        previous_secret_keys=previous_secret_keys,
         resources=resources,
         rules=_rules(data.get("rules"), reader, problems),
         registration_ttl=reader.integer(data, "registration_ttl", "", 7 * 86400, minimum=3600),

@@ -43,8 +43,11 @@ def _b64d(text: str) -> bytes:
 class Sealer:
     """AES-GCM seal/open under keys derived from the root secret.
 
-    The output is ``v<version>.<base64url(nonce || ciphertext)>``: the version names the derived
-    key, so a later version (a new root secret) can be added while old values still open.
+    The output is ``v<version>.<base64url(nonce || ciphertext)>``: the version names how the key
+    is derived from a root secret (HKDF info ``broker/v1/seal``), not which root secret. Values
+    always seal under the current ``secret_key``; opening tries it first, then each of
+    ``previous`` (``previous_secret_keys``), so a rotated secret keeps opening what the old one
+    sealed until :meth:`reseal` has moved every value over (``broker keys reseal``).
     """
 
     def __init__(self, secret_key: str, *, previous: tuple[str, ...] = ()) -> None:
@@ -57,16 +60,31 @@ class Sealer:
         return f"v{SEAL_VERSION}.{_b64e(nonce + ciphertext)}"
 
     def open(self, sealed: str, aad: str) -> bytes:
+        return self._open(sealed, aad)[0]
+
+    def reseal(self, sealed: str, aad: str) -> str | None:
+        """``sealed`` sealed again under the current secret with the same ``aad``, or ``None``
+        when it already is. Raises :class:`SealError` when no secret opens it."""
+        plaintext, current = self._open(sealed, aad)
+        return None if current else self.seal(plaintext, aad)
+
+    def _open(self, sealed: str, aad: str) -> tuple[bytes, bool]:
+        """The plaintext, and whether the current secret (not a previous one) opened it."""
         version, _, body = sealed.partition(".")
         if not version.startswith("v") or not version[1:].isdigit() or not body:
             raise SealError("malformed sealed value")
         key = self._keys.get(int(version[1:]))
         if key is None:
             raise SealError("unknown seal version")
-        raw = _b64d(body)
+        try:
+            raw = _b64d(body)
+        except ValueError:  # binascii.Error: not base64
+            raise SealError("malformed sealed value") from None
+        if len(raw) < 12 + 16:  # nonce and tag
+            raise SealError("malformed sealed value")
         for candidate in (key, *self._previous):
             try:
-                return candidate.decrypt(raw[:12], raw[12:], aad.encode("utf-8"))
+                return candidate.decrypt(raw[:12], raw[12:], aad.encode("utf-8")), candidate is key
             except InvalidTag:
                 continue
         raise SealError("sealed value does not open")

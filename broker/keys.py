@@ -1,8 +1,11 @@
-"""Signing keys: created on first start, private keys sealed at rest, published as a JWKS.
+"""Signing keys: created on first start, private keys sealed at rest, published as a JWKS; and
+re-sealing every sealed value of the database after the root secret changed (``broker keys
+reseal``).
 
 Key objects are parsed once per process and kept (parsing a PEM per signature costs more than the
 signature itself); which key is active is read from the database, so a rotation on one host is
-seen by every other.
+seen by every other. Tokens are verified with the public half (``public_jwk``), so a retired key's
+private half is never opened again.
 """
 
 from __future__ import annotations
@@ -12,18 +15,20 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt import PyJWK
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-from sqlalchemy import select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from .crypto import Sealer
-from .db import rows_affected, utcnow
-from .models import SigningKey
+from .crypto import Sealer, SealError
+from .db import Database, rows_affected, utcnow
+from .models import PendingLogin, RefreshToken, SigningKey, UpstreamToken
 
 ACTIVE_KEY_RECHECK = 30.0
 JWKS_MAX_AGE = 300
@@ -97,8 +102,17 @@ class KeyRing:
         self.alg = alg
         self.access_ttl = access_ttl
         self._loaded: dict[str, LoadedKey] = {}
+        self._public: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._active: tuple[LoadedKey, float] | None = None
+
+    @property
+    def sealer(self) -> Sealer:
+        return self._sealer
+
+    def forget(self) -> None:
+        """Read the active key from the database at the next signature (after keys changed)."""
+        self._active = None
 
     def create(
         self, session: Session, *, alg: str | None = None, state: str = "active"
@@ -180,8 +194,7 @@ class KeyRing:
             raise RotationRefused("another rotation is in progress")
         retired_until = None
         if previous is not None:
-            # Tokens signed until every worker has seen the rotation, plus their lifetime.
-            retired_until = now + dt.timedelta(seconds=self.access_ttl + ACTIVE_KEY_RECHECK + 60)
+            retired_until = self.retired_until(now)
             session.execute(
                 update(SigningKey)
                 .where(SigningKey.kid == previous.kid, SigningKey.state == "active")
@@ -195,6 +208,11 @@ class KeyRing:
             retired_until=retired_until,
             next=fresh.kid,
         )
+
+    def retired_until(self, now: dt.datetime) -> dt.datetime:
+        """How long a key retired ``now`` stays published: tokens are signed with it until every
+        worker has seen the change, and then verify for their lifetime."""
+        return now + dt.timedelta(seconds=self.access_ttl + ACTIVE_KEY_RECHECK + 60)
 
     def rotate_if_older(self, session: Session, age: dt.timedelta) -> Rotation | None:
         """Rotation by age: rotate when the active key is older than ``age`` and the next key
@@ -235,6 +253,48 @@ class KeyRing:
                 self._loaded[row.kid] = loaded
             return loaded
 
+    def public_key(self, row: SigningKey) -> Any:
+        """The public key object of ``row``, from its published JWK (parsed once)."""
+        with self._lock:
+            key = self._public.get(row.kid)
+            if key is None:
+                key = self._public[row.kid] = PyJWK(row.public_jwk).key
+            return key
+
+    def unopened(self, session: Session) -> tuple[int, list[str]]:
+        """How many keys sign or are about to (active and next), and the kids of those whose
+        private key the configured secrets do not open (``secret_key`` changed without its old
+        value in ``previous_secret_keys``, or a host with another ``secret_key``)."""
+        rows = session.scalars(
+            select(SigningKey)
+            .where(SigningKey.state.in_(("active", "next")))
+            .order_by(SigningKey.created_at)
+        ).all()
+        unopened = []
+        for row in rows:
+            try:
+                self._load(row)
+            except SealError:
+                unopened.append(row.kid)
+        return len(rows), unopened
+
+    def startup_problem(self, session: Session) -> str | None:
+        """The one-line configuration problem when a signing key does not open, else ``None``."""
+        total, unopened = self.unopened(session)
+        if not unopened:
+            return None
+        if len(unopened) == total:
+            return (
+                f"secret_key: opens none of the {total} signing keys in the database (was "
+                "secret_key changed? put the old one in previous_secret_keys; if it is lost, "
+                "`broker keys reseal --discard-unreadable` retires those keys)"
+            )
+        return (
+            f"secret_key: opens {total - len(unopened)} of the {total} signing keys in the "
+            f"database, not {', '.join(unopened)} (a host with another secret_key? every host "
+            "needs the same secret_key and previous_secret_keys)"
+        )
+
     def public_keys(self, session: Session) -> list[SigningKey]:
         return list(session.scalars(select(SigningKey).order_by(SigningKey.created_at)))
 
@@ -255,4 +315,236 @@ def verification_key(ring: KeyRing, session: Session, kid: str) -> tuple[Any, st
     row = session.get(SigningKey, kid)
     if row is None:
         return None
-    return ring._load(row).private_key.public_key(), row.alg
+    return ring.public_key(row), row.alg
+
+
+# -- re-sealing under the current root secret ------------------------------------------------------
+
+RESEAL_BATCH = 200
+"""Rows per transaction of :func:`reseal`: each transaction is short, and a crash half-way leaves
+every row sealed under either the old secret or the new one (both open while the old one is in
+``previous_secret_keys``)."""
+
+
+@dataclass
+class ResealCount:
+    """What :func:`reseal` found in one table (its rows holding at least one sealed value)."""
+
+    table: str
+    resealed: int = 0
+    """Opened under a previous secret and sealed again under ``secret_key`` (dry run: would be)."""
+    current: int = 0
+    """Already sealed under ``secret_key``."""
+    unreadable: int = 0
+    """Opened by no configured secret: left alone (or discarded, see ``discarded``)."""
+    discarded: int = 0
+    """Unreadable and discarded (``discard_unreadable``)."""
+    left: int = 0
+    """Still sealed under a previous secret when the run ended (in use meanwhile: run again)."""
+
+
+@dataclass(frozen=True)
+class _SealedTable:
+    """A table with sealed columns: how to find its rows, their AAD, and how to discard one."""
+
+    name: str
+    model: Any
+    key: Any
+    columns: tuple[str, ...]
+    aad: Callable[[Any, str], str]
+    """(primary key, column) -> the AAD the value was sealed with."""
+    discard: Callable[[Any, dt.datetime], Any]
+    """(row, now) -> the statement that discards the row's unreadable values."""
+    free: Callable[[dt.datetime], Any] | None = None
+    """now -> the condition for touching a row at all (no upstream refresh holds it)."""
+
+
+def _sealed_tables(ring: KeyRing) -> tuple[_SealedTable, ...]:
+    """Every column holding a sealed value, with the AAD its writer seals it with."""
+    from .oauth2.rfc6749 import successor_aad
+    from .upstream import sealed_aad
+
+    def retire(row: SigningKey, now: dt.datetime) -> Any:
+        # The public half keeps verifying what the key signed; the private half is erased.
+        expires = {"active": ring.retired_until(now), "next": now}.get(row.state, row.expires_at)
+        return (
+            update(SigningKey)
+            .where(SigningKey.state == row.state)
+            .values(
+                state="retired",
+                private_key_sealed="",
+                retired_at=row.retired_at or now,
+                expires_at=expires,
+            )
+        )
+
+    def upstream_free(now: dt.datetime) -> Any:
+        return or_(
+            UpstreamToken.refresh_lock_until.is_(None), UpstreamToken.refresh_lock_until <= now
+        )
+
+    return (
+        _SealedTable(
+            "signing_keys",
+            SigningKey,
+            SigningKey.kid,
+            ("private_key_sealed",),
+            lambda kid, _column: _aad(kid),
+            retire,
+        ),
+        _SealedTable(
+            "upstream_tokens",
+            UpstreamToken,
+            UpstreamToken.identity_id,
+            ("access_token_sealed", "refresh_token_sealed"),
+            lambda identity_id, column: sealed_aad(identity_id, column.split("_", 1)[0]),
+            # The token's user signs in with that provider again.
+            lambda _row, _now: delete(UpstreamToken),
+            upstream_free,
+        ),
+        _SealedTable(
+            "refresh_tokens",
+            RefreshToken,
+            RefreshToken.token_hash,
+            ("successor_sealed",),
+            lambda token_hash, _column: successor_aad(token_hash),
+            # Only a replay within the grace window needed it; that replay is now refused.
+            lambda _row, _now: update(RefreshToken).values(successor_sealed=None),
+        ),
+        _SealedTable(
+            "pending_logins",
+            PendingLogin,
+            PendingLogin.id,
+            ("upstream_secrets_sealed",),
+            # As broker/flow.py seals the upstream PKCE verifier and nonce.
+            lambda login_id, _column: f"pending_logins:{login_id}:upstream",
+            # That sign-in's callback no longer matches: the user starts again.
+            lambda _row, _now: delete(PendingLogin),
+        ),
+    )
+
+
+def reseal(
+    db: Database,
+    ring: KeyRing,
+    *,
+    dry_run: bool = False,
+    discard_unreadable: bool = False,
+    batch: int = RESEAL_BATCH,
+) -> list[ResealCount]:
+    """Seal every sealed value in the database again under the current ``secret_key`` (the
+    ring's :class:`Sealer`), with the AAD it was sealed with, so that ``previous_secret_keys``
+    can be emptied afterwards. Idempotent.
+
+    One transaction per ``batch`` rows; each row is changed by a conditional ``UPDATE`` on the
+    values it was read with, so a value the broker rewrote meanwhile is never overwritten, and
+    rows locked by a running request are skipped rather than waited for (``FOR UPDATE SKIP
+    LOCKED`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` makes each batch exclusive). A last
+    read-only pass counts what is still under a previous secret (``left``).
+
+    Values no configured secret opens are left alone and counted, unless ``discard_unreadable``
+    (the old secret is lost): then signing keys are retired with their private half erased (a
+    new active and next key are created), upstream tokens and pending sign-ins are deleted (those
+    users sign in again), and refresh-token successors kept for the reuse grace are dropped.
+    """
+    counts = []
+    for table in _sealed_tables(ring):
+        count = _reseal_table(
+            db, ring.sealer, table, dry_run=dry_run, discard=discard_unreadable, batch=batch
+        )
+        if not dry_run:
+            count.left = _reseal_table(
+                db, ring.sealer, table, dry_run=True, discard=False, batch=batch
+            ).resealed
+        counts.append(count)
+    if discard_unreadable and not dry_run:
+        ring.forget()
+        with db.session() as session:
+            ring.ensure_active(session)
+            ring.ensure_next(session)
+    return counts
+
+
+def _reseal_table(
+    db: Database,
+    sealer: Sealer,
+    table: _SealedTable,
+    *,
+    dry_run: bool,
+    discard: bool,
+    batch: int,
+) -> ResealCount:
+    count = ResealCount(table.name)
+    attributes = [getattr(table.model, name) for name in table.columns]
+    holds_a_seal = or_(*(and_(a.is_not(None), a != "") for a in attributes))
+    last: Any = None
+    while True:
+        with db.read() if dry_run else db.session() as session:
+            query = select(table.model).where(holds_a_seal).order_by(table.key).limit(batch)
+            if last is not None:
+                query = query.where(table.key > last)
+            if not dry_run:
+                query = query.with_for_update(skip_locked=True)
+            rows = session.scalars(query).all()
+            if not rows:
+                return count
+            last = getattr(rows[-1], table.key.key)
+            now = utcnow()
+            for row in rows:
+                _reseal_row(session, sealer, table, row, now, count, dry_run, discard)
+
+
+def _reseal_row(
+    session: Session,
+    sealer: Sealer,
+    table: _SealedTable,
+    row: Any,
+    now: dt.datetime,
+    count: ResealCount,
+    dry_run: bool,
+    discard: bool,
+) -> None:
+    key = getattr(row, table.key.key)
+    seen = {name: getattr(row, name) for name in table.columns}
+    fresh: dict[str, str] = {}
+    try:
+        for name, sealed in seen.items():
+            if sealed:
+                again = sealer.reseal(sealed, table.aad(key, name))
+                if again is not None:
+                    fresh[name] = again
+    except SealError:
+        count.unreadable += 1
+        if discard and not dry_run:
+            statement = table.discard(row, now)
+            count.discarded += _unchanged(session, table, statement, key, seen, now)
+        return
+    if not fresh:
+        count.current += 1
+        return
+    if dry_run:
+        count.resealed += 1
+        return
+    count.resealed += _unchanged(
+        session, table, update(table.model).values(**fresh), key, seen, now
+    )
+
+
+def _unchanged(
+    session: Session,
+    table: _SealedTable,
+    statement: Any,
+    key: Any,
+    seen: dict[str, str | None],
+    now: dt.datetime,
+) -> int:
+    """Run ``statement`` on the row only while its sealed values are still those ``seen`` (and
+    no request holds it); 1 when it did."""
+    conditions = [table.key == key]
+    for name, value in seen.items():
+        attribute = getattr(table.model, name)
+        conditions.append(attribute.is_(None) if value is None else attribute == value)
+    if table.free is not None:
+        conditions.append(table.free(now))
+    statement = statement.where(*conditions).execution_options(synchronize_session=False)
+    return rows_affected(session, statement)

@@ -12,7 +12,7 @@ start-up error (:func:`check_rules`). Values compare case-insensitively, except 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from providers.contract import Identity, Requirements
@@ -21,6 +21,18 @@ from .config import ResourceSettings, RuleSettings, Settings
 
 CASE_SENSITIVE_FACTS = frozenset({"subject"})
 
+IGNORED_SCOPES = frozenset({"offline_access", "openid", "profile", "email"})
+"""Scopes a client may ask that are no resource's (OpenID Connect's, ``offline_access``): they
+neither widen nor narrow an entitlement."""
+
+PROVIDER_NOT_ALLOWED = "This sign-in method is not allowed for this resource."
+UNVERIFIED_EMAIL = (
+    "Your email address is not verified with your identity provider, and "
+    "access to this resource depends on it."
+)
+NOT_ENTITLED = "Your account is not entitled to any access to this resource."
+REQUIRED_NOT_ENTITLED = "Your account is not entitled to the access this resource requires."
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -28,22 +40,37 @@ class Decision:
     denied: str | None = None
 
 
+def provider_allowed(resource: ResourceSettings, provider: str) -> bool:
+    """Whether ``provider``'s identities may be used for ``resource`` (its ``providers``)."""
+    return resource.providers is None or provider in resource.providers
+
+
+def rule_applies(rule: RuleSettings, resource: ResourceSettings) -> bool:
+    """Whether ``rule`` is read for ``resource`` (``rules[].resources``; default: every one)."""
+    return rule.resources is None or resource.uri in rule.resources
+
+
+def matching_values(key: str, wanted: Iterable[str], have: Iterable[str]) -> frozenset[str]:
+    """The values of the identity's fact ``key`` that one of ``wanted`` matches (the condition
+    holds when there is one): case-insensitively, except :data:`CASE_SENSITIVE_FACTS`."""
+    if key in CASE_SENSITIVE_FACTS:
+        return frozenset(have) & frozenset(wanted)
+    folded = {w.casefold() for w in wanted}
+    return frozenset(v for v in have if v.casefold() in folded)
+
+
 def _matches(rule: RuleSettings, facts: Mapping[str, frozenset[str]]) -> bool:
-    for key, wanted in rule.when.items():
-        have = facts.get(key, frozenset())
-        if key in CASE_SENSITIVE_FACTS:
-            if not have & set(wanted):
-                return False
-        elif not {v.casefold() for v in have} & {w.casefold() for w in wanted}:
-            return False
-    return True
+    return all(
+        matching_values(key, wanted, facts.get(key, frozenset()))
+        for key, wanted in rule.when.items()
+    )
 
 
 def decide(settings: Settings, resource: ResourceSettings, identity: Identity) -> Decision:
     """Entitled scopes of ``identity`` for ``resource``."""
-    if resource.providers is not None and identity.provider not in resource.providers:
-        return Decision(frozenset(), denied="This sign-in method is not allowed for this resource.")
-    rules = [r for r in settings.rules if r.resources is None or resource.uri in r.resources]
+    if not provider_allowed(resource, identity.provider):
+        return Decision(frozenset(), denied=PROVIDER_NOT_ALLOWED)
+    rules = [r for r in settings.rules if rule_applies(r, resource)]
     if not rules:
         return Decision(frozenset(resource.scopes))
     facts = identity.facts()
@@ -55,6 +82,48 @@ def decide(settings: Settings, resource: ResourceSettings, identity: Identity) -
             return Decision(frozenset(), denied=rule.reason)
         granted.update(s for s in rule.scopes if s in resource.scopes)
     return Decision(frozenset(granted))
+
+
+@dataclass(frozen=True)
+class Entitlement:
+    """What a sign-in for one request gets: the :class:`Decision`, the scopes the client asked
+    (without :data:`IGNORED_SCOPES`), and either the scopes granted or the refusal the user sees."""
+
+    decision: Decision
+    asked: tuple[str, ...]
+    granted: tuple[str, ...]
+    refused: str | None
+
+
+def entitle(
+    settings: Settings, resource: ResourceSettings, identity: Identity, asked: Iterable[str]
+) -> Entitlement:
+    """The scopes to grant ``identity`` for a request of ``resource`` asking ``asked`` (nothing
+    asked: every entitled scope), or the reason to refuse it. The required scopes are added when
+    entitled; a request that cannot carry them all is refused. Mirrors
+    :meth:`broker.flow.AuthorizationFlow.entitlement`."""
+    decision = decide(settings, resource, identity)
+    wanted = tuple(s for s in dict.fromkeys(asked) if s and s not in IGNORED_SCOPES)
+    granted = [s for s in wanted if s in decision.scopes] if wanted else sorted(decision.scopes)
+    for s in resource.required_scopes:
+        if s in decision.scopes and s not in granted:
+            granted.append(s)
+    refused: str | None = None
+    if decision.denied is not None:
+        refused = decision.denied
+    elif resource.scopes and not decision.scopes:
+        if identity.email and not identity.email_verified and rules_read_email(settings):
+            refused = UNVERIFIED_EMAIL
+        else:
+            refused = NOT_ENTITLED
+    elif not set(resource.required_scopes) <= set(granted):
+        refused = REQUIRED_NOT_ENTITLED
+    return Entitlement(decision, wanted, () if refused else tuple(granted), refused)
+
+
+def rules_read_email(settings: Settings) -> bool:
+    """Whether any rule reads the email (so an unverified one can explain a refusal)."""
+    return any({"email", "email_domain"} & set(rule.when) for rule in settings.rules)
 
 
 def _providers_of(rule: RuleSettings, configured: Mapping[str, frozenset[str]]) -> list[str]:

@@ -24,7 +24,7 @@ import hmac
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Self
 
 import httpx
@@ -365,6 +365,37 @@ class OpenIDConnectProvider(OAuth2Provider):
                         "id_token_invalid", detail="refreshed id_token has another sub"
                     )
         return refreshed
+
+    def recheck(
+        self, identity: Identity, tokens: UpstreamTokens | None, http: httpx.Client
+    ) -> Identity:
+        """The ``RecheckingProvider`` capability. The broker hands over the current access token,
+        refreshed first when it was due (a refresh the upstream refuses, as Keycloak does for a
+        disabled user or an ended session, ends access before this runs). UserInfo (OIDC Core
+        5.3) then says who the user is now, when it is on (``fetch_userinfo``) and discovered;
+        without it the identity stays as signed in. Facts that gate access only as the signed ID
+        Token states them (Google's ``hd``) keep the sign-in's value; the provider's
+        restrictions apply again."""
+        if tokens is None:
+            raise LoginFailed("no_upstream_token", detail="no upstream token stored")
+        metadata = self.metadata(http)
+        if not (self.oidc.fetch_userinfo and metadata.userinfo_endpoint):
+            return identity
+        claims = self._userinfo(http, metadata, tokens.access_token, subject=identity.subject)
+        current = self.recheck_identity(identity, claims, tokens, http)
+        return self.check_restrictions(current) or current
+
+    def recheck_identity(
+        self,
+        identity: Identity,
+        claims: Mapping[str, Any],
+        tokens: UpstreamTokens,
+        http: httpx.Client,
+    ) -> Identity:
+        """The identity from fresh UserInfo ``claims``; subclasses add what their tokens carry
+        (Keycloak's roles in the access token)."""
+        current = self.build_identity(claims, {"sub": identity.subject}, self.metadata(http))
+        return replace(current, hosted_domain=identity.hosted_domain, raw=identity.raw)
 
     # -- discovery, keys, HTTP -----------------------------------------------------------------
 

@@ -104,6 +104,18 @@ class KeycloakProvider(OpenIDConnectProvider):
         access = self.access_token_claims(http, tokens.access_token, subject=identity.subject)
         return identity if access is None else replace(identity, **self.authorization(access))
 
+    def recheck_identity(
+        self,
+        identity: Identity,
+        claims: Mapping[str, Any],
+        tokens: UpstreamTokens,
+        http: httpx.Client,
+    ) -> Identity:
+        """As at sign-in: roles and groups of a JWT access token win over UserInfo's."""
+        current = super().recheck_identity(identity, claims, tokens, http)
+        access = self.access_token_claims(http, tokens.access_token, subject=identity.subject)
+        return current if access is None else replace(current, **self.authorization(access))
+
     def authorization(self, claims: Mapping[str, Any]) -> dict[str, Any]:
         """Identity fields of the claims present: ``roles`` (``realm_access.roles``),
         ``client_roles`` (``resource_access``, as ``<client>/<role>``) and ``groups``."""

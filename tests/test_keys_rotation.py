@@ -4,6 +4,9 @@ JWKS until every token it signed has expired, and two hosts rotating at once act
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
+from collections import Counter
 from typing import Any
 
 import jwt
@@ -14,6 +17,8 @@ from sqlalchemy import update
 from broker.keys import PUBLISH_BEFORE_SIGNING, KeyRing, RotationRefused
 from broker.models import SigningKey
 from broker.oauth2.rfc9068 import AccessTokenClaims, issue_access_token
+from broker.resource import BrokerTokenVerifier
+from tests.support import RESOURCE, free_port, serve_wsgi
 
 
 def ring(app: Flask) -> tuple[Any, KeyRing]:
@@ -38,12 +43,12 @@ def jwks_kids(app: Flask) -> set[str]:
     return {key["kid"] for key in app.test_client().get("/jwks.json").json["keys"]}
 
 
-def sign(app: Flask) -> str:
-    db, keys = ring(app)
+def sign(app: Flask, keys: KeyRing | None = None, audience: str = "aud") -> str:
+    db, own = ring(app)
     with db.session() as session:
         token, _ = issue_access_token(
-            keys.active(session),
-            AccessTokenClaims("http://127.0.0.1:8000", "usr", "aud", "cid", "", 0, 600),
+            (keys or own).active(session),
+            AccessTokenClaims("http://127.0.0.1:8000", "usr", audience, "cid", "", 0, 600),
         )
     return token
 
@@ -123,3 +128,63 @@ def test_rotation_by_age(make_app: Any) -> None:
     with db.session() as session:
         rotation = keys.rotate_if_older(session, dt.timedelta(days=30))
     assert rotation is not None and states(app)[rotation.active] == "active"
+
+
+def test_rotations_while_tokens_are_issued_and_verified(app: Flask) -> None:
+    """Three rotations while two hosts sign and an MCP server verifies with the resource kit
+    over real HTTP: no token fails. This host sees each rotation at once; the other keeps
+    signing with the key it loaded first (as for up to ``ACTIVE_KEY_RECHECK``), which is retired
+    by then and still published. Time is scaled: the MCP server caches the JWKS for
+    ``MAX_AGE`` and refetches for an unknown ``kid`` once an hour, so a key that signed before
+    that server had seen it published would fail; each rotation waits two cache lifetimes after
+    its next key was published, as ``PUBLISH_BEFORE_SIGNING`` does in real time."""
+    max_age = 0.2
+    other_host = KeyRing(app.extensions["broker"].sealer, ring(app)[1].alg)
+    stop = threading.Event()
+    failures: list[str] = []
+    signed: Counter[tuple[str, str]] = Counter()
+
+    with serve_wsgi(app, free_port()) as base:
+        verifier = BrokerTokenVerifier(
+            "http://127.0.0.1:8000",
+            RESOURCE,
+            jwks_uri=f"{base}/jwks.json",
+            jwks_max_age=max_age,
+            refetch_interval=3600,
+            timeout=5.0,
+        )
+
+        def host(name: str, keys: KeyRing | None) -> None:
+            while not stop.is_set():
+                try:
+                    token = sign(app, keys, audience=RESOURCE)
+                    verifier.verify(token)
+                    signed[name, jwt.get_unverified_header(token)["kid"]] += 1
+                except Exception as exc:  # every failure is the finding
+                    failures.append(f"{name}: {exc!r}")
+                time.sleep(0.005)
+
+        threads = [
+            threading.Thread(target=host, args=("this", None)),
+            threading.Thread(target=host, args=("other", other_host)),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(3):
+                time.sleep(2 * max_age)  # the next key has been in every cache
+                age_next_key(app)
+                db, keys = ring(app)
+                with db.session() as session:
+                    keys.rotate(session)
+            time.sleep(2 * max_age)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+    assert failures == []
+    this_kids = {kid for name, kid in signed if name == "this"}
+    other_kids = {kid for name, kid in signed if name == "other"}
+    assert len(this_kids) == 4  # the first key and three activated ones, all verified
+    assert len(other_kids) == 1 and other_kids <= this_kids  # the first key, retired thrice
+    assert states(app)[next(iter(other_kids))] == "retired"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
 
@@ -40,6 +40,9 @@ REDIRECT = "http://127.0.0.1:5555/callback"
 class LiveBroker:
     app: Flask
     base: str
+    # The last sign-in's client and PKCE verifier, to redeem its code.
+    client_id: str = ""
+    verifier: str = field(default="", repr=False)
 
     def count(self, model: Any) -> int:
         with self.app.extensions["broker"].db.session() as session:
@@ -65,7 +68,8 @@ class LiveBroker:
                 f"{self.base}/register",
                 json={"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"},
             ).json()
-            _, challenge = pkce()
+            self.verifier, challenge = pkce()
+            self.client_id = client["client_id"]
             params = authorize_params(client["client_id"], challenge, **authorize)
             started = http.get(f"{self.base}/authorize", params=params)
             consent = http.get(urljoin(self.base, started.headers["location"]))

@@ -22,15 +22,21 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> Response:
-    """The database answers and the schema is current."""
+    """The database answers and this process's secrets open the keys that sign."""
     b = broker()
     try:
         with b.db.read() as session:
             session.execute(text("SELECT 1"))
+            # Start-up checked it; a host with another secret_key may have created one since.
+            _, unopened = b.keys.unopened(session)
     except SQLAlchemyError:
-        return Response(
-            json.dumps({"status": "unavailable", "database": "down"}),
-            status=503,
-            mimetype="application/json",
-        )
+        return _unavailable({"database": "down"})
+    if unopened:
+        return _unavailable({"signing_keys": "unreadable"})
     return Response(json.dumps({"status": "ok"}), mimetype="application/json")
+
+
+def _unavailable(why: dict[str, str]) -> Response:
+    return Response(
+        json.dumps({"status": "unavailable", **why}), status=503, mimetype="application/json"
+    )

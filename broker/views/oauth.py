@@ -158,6 +158,13 @@ def token() -> Response:
     if request.method == "OPTIONS":
         return Response(status=204)
     b = broker()
+    if b.recheck.enabled and request.form.get("grant_type") == "refresh_token":
+        # Before the grant's transaction, outside any: the upstream call holds no lock.
+        b.recheck.before_refresh(
+            request.form.get("refresh_token", ""),
+            client_id=request.form.get("client_id"),
+            address=request.remote_addr,
+        )
     response = _run(lambda: b.server.create_token_response(_current()), ok=200)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Pragma"] = "no-cache"

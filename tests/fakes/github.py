@@ -291,6 +291,12 @@ class FakeGitHub:
     def heal(self) -> None:
         self.faults.clear()
 
+    def revoke_tokens(self) -> None:
+        """The user revoked the OAuth App: every token issued so far is refused (401)."""
+        with self._lock:
+            self._tokens.clear()
+            self._refresh_tokens.clear()
+
     def requests(self, path_suffix: str = "") -> list[Request]:
         """The requests received so far whose path ends with ``path_suffix``."""
         return [request for request, _ in self.server.log if request.path.endswith(path_suffix)]

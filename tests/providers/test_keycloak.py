@@ -28,8 +28,10 @@ from providers.contract import (
     Identity,
     Provider,
     ProviderType,
+    RecheckingProvider,
     RefreshingProvider,
     Requirements,
+    UpstreamTokens,
 )
 from providers.errors import ConfigError, LoginFailed
 from providers.keycloak import KeycloakProvider
@@ -485,3 +487,60 @@ def test_jwt_access_token_refused(
     with pytest.raises(LoginFailed) as caught:
         realm_login(fake_realm, http)
     assert (caught.value.reason, caught.value.detail) == ("access_token_invalid", detail)
+
+
+# -- the re-check (RecheckingProvider) ----------------------------------------------------------
+
+
+def test_recheck_reads_the_current_roles_and_userinfo(
+    fake_realm: FakeOP, http: httpx.Client
+) -> None:
+    """UserInfo says who the user is now; a JWT access token's roles win, as at sign-in."""
+    provider = make_provider(fake_realm.base.removesuffix("/realms/test"))
+    fake_realm.access_token = fake_realm.sign(**ACCESS_TOKEN_CLAIMS)
+    result = fake_realm.redeem(provider, http, fake_realm.sign(typ="ID", azp=CLIENT_ID))
+    assert isinstance(provider, RecheckingProvider) and result.tokens is not None
+    fake_realm.userinfo = {"sub": "user-1", "email": "new@example.com", "email_verified": True}
+    fake_realm.access_token = fake_realm.sign(
+        **{**ACCESS_TOKEN_CLAIMS, "realm_access": {"roles": ["default-roles-test"]}}
+    )
+    tokens = UpstreamTokens(access_token=fake_realm.access_token)
+    current = provider.recheck(result.identity, tokens, http)
+    assert current.subject == "user-1"
+    assert current.email == "new@example.com"
+    assert current.roles == ("default-roles-test",)
+    assert current.raw == result.identity.raw
+
+
+def test_recheck_refused_when_userinfo_refuses_the_token(
+    fake_realm: FakeOP, http: httpx.Client
+) -> None:
+    provider = make_provider(fake_realm.base.removesuffix("/realms/test"))
+    result = fake_realm.redeem(provider, http, fake_realm.sign(typ="ID", azp=CLIENT_ID))
+    fake_realm.userinfo_status = 401  # the user was disabled: the session's token is dead
+    fake_realm.userinfo = {"error": "invalid_token"}
+    with pytest.raises(LoginFailed):
+        provider.recheck(result.identity, UpstreamTokens(access_token="at"), http)
+    with pytest.raises(LoginFailed, match="no upstream token"):
+        provider.recheck(result.identity, None, http)
+
+
+def test_recheck_of_another_subject_refused(fake_realm: FakeOP, http: httpx.Client) -> None:
+    provider = make_provider(fake_realm.base.removesuffix("/realms/test"))
+    result = fake_realm.redeem(provider, http, fake_realm.sign(typ="ID", azp=CLIENT_ID))
+    fake_realm.userinfo = {"sub": "someone-else"}
+    with pytest.raises(LoginFailed) as refused:
+        provider.recheck(result.identity, UpstreamTokens(access_token="at"), http)
+    assert refused.value.reason == "userinfo_subject_mismatch"
+
+
+def test_recheck_without_userinfo_keeps_the_identity(
+    fake_realm: FakeOP, http: httpx.Client
+) -> None:
+    """With fetch_userinfo off, the token refresh the broker ran first was the check."""
+    provider = make_provider(fake_realm.base.removesuffix("/realms/test"), fetch_userinfo=False)
+    result = fake_realm.redeem(provider, http, fake_realm.sign(typ="ID", azp=CLIENT_ID))
+    fake_realm.userinfo_status = 500
+    assert provider.recheck(result.identity, UpstreamTokens(access_token="at"), http) is (
+        result.identity
+    )
