@@ -61,7 +61,7 @@ SESSION_TTL = dt.timedelta(hours=12)
 LOGIN_ID = re.compile(r"[A-Za-z0-9_-]+")
 MAX_STATE = 2048
 MAX_SCOPE = 2048
-IGNORED_SCOPES = {"offline_access", "openid", "profile", "email"}
+IGNORED_SCOPES = policy.IGNORED_SCOPES
 
 
 class FlowError(Exception):
@@ -878,28 +878,10 @@ class AuthorizationFlow:
     def entitlement(
         self, pending: PendingLogin, resource: ResourceSettings, identity: UpstreamIdentity
     ) -> tuple[list[str], str | None]:
-        """The scopes to grant for this request, or the reason to refuse it."""
-        decision = policy.decide(self.settings, resource, identity)
-        asked = [s for s in requested_scopes(pending.scope) if s not in IGNORED_SCOPES]
-        granted = [s for s in asked if s in decision.scopes] if asked else sorted(decision.scopes)
-        for s in resource.required_scopes:
-            if s in decision.scopes and s not in granted:
-                granted.append(s)
-        if decision.denied is not None:
-            return [], decision.denied
-        if resource.scopes and not decision.scopes:
-            if identity.email and not identity.email_verified and self._rules_read_email():
-                return [], (
-                    "Your email address is not verified with your identity provider, and "
-                    "access to this resource depends on it."
-                )
-            return [], "Your account is not entitled to any access to this resource."
-        if not set(resource.required_scopes) <= set(granted):
-            return [], "Your account is not entitled to the access this resource requires."
-        return granted, None
-
-    def _rules_read_email(self) -> bool:
-        return any({"email", "email_domain"} & set(rule.when) for rule in self.settings.rules)
+        """The scopes to grant for this request, or the reason to refuse it (the rule is
+        :func:`broker.policy.entitle`, which ``broker explain`` prints too)."""
+        result = policy.entitle(self.settings, resource, identity, requested_scopes(pending.scope))
+        return list(result.granted), result.refused
 
     def _claim(self, session: Session, pending: PendingLogin) -> None:
         """Single use: of two parallel submissions for one sign-in, exactly one finishes."""
