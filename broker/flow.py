@@ -62,6 +62,7 @@ LOGIN_ID = re.compile(r"[A-Za-z0-9_-]+")
 MAX_STATE = 2048
 MAX_SCOPE = 2048
 IGNORED_SCOPES = policy.IGNORED_SCOPES
+USER_DISABLED = "Your account is disabled on this server. Ask your administrator."
 
 
 class FlowError(Exception):
@@ -771,6 +772,11 @@ class AuthorizationFlow:
     # -- finishing -------------------------------------------------------------------------
 
     @staticmethod
+    def _disabled(session: Session, user_id: str) -> bool:
+        user = session.get(User, user_id)
+        return user is None or user.disabled_at is not None
+
+    @staticmethod
     def _identity_row(session: Session, upstream: UpstreamIdentity) -> Identity | None:
         return session.scalars(
             select(Identity).where(
@@ -857,10 +863,22 @@ class AuthorizationFlow:
         start a broker session and :meth:`finish`. Returns the outcome and the new session
         cookie value (``None`` when refused)."""
         upstream = result.identity
+        known = self._identity_row(session, upstream)
+        if known is not None and self._disabled(session, known.user_id):
+            # An operator disabled this user: the upstream saying who they are changes nothing,
+            # and nothing of this sign-in (session, upstream token) is kept.
+            self._claim(session, pending)
+            return self._deny(
+                session,
+                pending,
+                USER_DISABLED,
+                provider=upstream.provider,
+                user_id=known.user_id,
+                address=address,
+            ), None
         _, reason = self.entitlement(pending, self.resource(pending), upstream)
         if reason is not None:
             self._claim(session, pending)
-            known = self._identity_row(session, upstream)
             if known is not None:
                 known.snapshot = upstream.snapshot()
             return self._deny(
@@ -976,6 +994,8 @@ class AuthorizationFlow:
         granted, reason = self.entitlement(
             pending, resource, UpstreamIdentity.from_snapshot(identity.snapshot)
         )
+        if self._disabled(session, identity.user_id):
+            reason = USER_DISABLED
         if reason is not None:
             return self._deny(
                 session,

@@ -208,11 +208,25 @@ class UpstreamRecheck:
             return
         snapshot = fresh.snapshot()
         if snapshot != due.snapshot:
+            old = due.snapshot or {}
+            changed = sorted(k for k in {*old, *snapshot} if old.get(k) != snapshot.get(k))
             with self.db.session() as session:
                 session.execute(
                     update(Identity).where(Identity.id == due.identity_id).values(snapshot=snapshot)
                 )
-            log.info("%s: identity facts changed; the rules decide on the new ones", where)
+                # Which facts changed, never their values: the rules decide on the new ones.
+                audit.record(
+                    session,
+                    "recheck",
+                    "changed",
+                    user_id=due.user_id,
+                    client_id=client_id,
+                    provider=due.provider,
+                    actor="upstream",
+                    address=address,
+                    details={"identity": due.identity_id, "changed": changed},
+                )
+            log.info("%s: identity facts changed (%s)", where, ", ".join(changed))
 
     def _end(self, due: _Due, reason: str, *, client_id: str | None, address: str | None) -> None:
         """The upstream no longer vouches for the user: every grant and broker session of this

@@ -124,6 +124,16 @@ def test_a_disabled_user_refreshes_nothing_and_gets_no_code(deployment: Deployme
     refused = refresh(client, client_id, tokens["refresh_token"])
     assert refused.status_code == 400 and refused.json["error"] == "invalid_grant"
     assert "code=" not in again(client, client_id).headers["Location"]  # sign in again
+    # Signing in again is refused too: the local provider still knows alice, the broker says no.
+    _, challenge = pkce()
+    params = authorize_params(client_id, challenge, redirect_uri=WEB)
+    page = sign_in(client, params)
+    assert page.status_code == 403 and "Your account is disabled" in page.text
+    assert "error=access_denied" in page.text and "code=" not in page.text
+    assert (
+        client.get_cookie("broker_session") is None or again(client, client_id).status_code == 302
+    )
+    assert "code=" not in again(client, client_id).headers["Location"]  # no session was started
     deployment.cli("users", "enable", "alice@example.com")
     assert refresh(client, client_id, tokens["refresh_token"]).status_code == 200
     events = [json.loads(line) for line in deployment.cli("audit", "--json").output.splitlines()]

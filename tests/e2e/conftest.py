@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from html import unescape
 from typing import Any
 from urllib.parse import urljoin
 
@@ -109,43 +110,63 @@ class HeadlessBrowser:
     password: str = "alice-password"
     visited: list[str] = field(default_factory=list)
     result: dict[str, str] | None = None
+    remember: bool = False
+    """Keep the broker's cookies from one run to the next (a remembered browser session)."""
+    cookies: httpx2.Cookies = field(default_factory=httpx2.Cookies)
 
     async def run(self, url: str) -> None:
-        async with httpx2.AsyncClient(follow_redirects=False, timeout=30) as http:
-            for _ in range(30):
-                self.visited.append(url)
-                if url.startswith(self.redirect_prefix):
-                    self.result = query(url)
-                    return
-                response = await http.get(url)
-                if response.is_redirect:
-                    url = urljoin(url, response.headers["location"])
-                    continue
-                html = response.text
-                if response.status_code == 200 and 'name="action" value="approve"' in html:
-                    response = await http.post(
-                        urljoin(url, "/consent"),
-                        data={
-                            "login": _field(html, "login"),
-                            "csrf": _field(html, "csrf"),
-                            "action": "approve",
-                            "provider": self.provider,
-                        },
-                    )
-                elif response.status_code == 200 and 'name="password"' in html:
-                    response = await http.post(
-                        url.split("?")[0],
-                        data={
-                            "login": _field(html, "login"),
-                            "csrf": _field(html, "csrf"),
-                            "username": self.username,
-                            "password": self.password,
-                        },
-                    )
-                else:
-                    raise AssertionError(f"stuck at {url}: {response.status_code} {html[:500]}")
-                assert response.is_redirect, f"{url}: {response.status_code} {response.text[:500]}"
+        self.result = None
+        jar = self.cookies if self.remember else None
+        async with httpx2.AsyncClient(follow_redirects=False, timeout=30, cookies=jar) as http:
+            try:
+                await self._walk(http, url)
+            finally:
+                if self.remember:
+                    self.cookies = httpx2.Cookies(http.cookies)
+
+    async def _walk(self, http: httpx2.AsyncClient, url: str) -> None:
+        for _ in range(30):
+            self.visited.append(url)
+            if url.startswith(self.redirect_prefix):
+                self.result = query(url)
+                return
+            response = await http.get(url)
+            if response.is_redirect:
                 url = urljoin(url, response.headers["location"])
+                continue
+            html = response.text
+            back = re.search(r'id="return" href="([^"]+)"', html)
+            if response.status_code == 403 and back:  # refused: the user returns to the app
+                url = urljoin(url, unescape(back.group(1)))
+                continue
+            if response.status_code == 200 and 'name="action" value="approve"' in html:
+                response = await http.post(
+                    urljoin(url, "/consent"),
+                    data={
+                        "login": _field(html, "login"),
+                        "csrf": _field(html, "csrf"),
+                        "action": "approve",
+                        "provider": self.provider,
+                    },
+                )
+            elif response.status_code == 200 and 'name="password"' in html:
+                response = await http.post(
+                    url.split("?")[0],
+                    data={
+                        "login": _field(html, "login"),
+                        "csrf": _field(html, "csrf"),
+                        "username": self.username,
+                        "password": self.password,
+                    },
+                )
+            else:
+                raise AssertionError(f"stuck at {url}: {response.status_code} {html[:500]}")
+            back = re.search(r'id="return" href="([^"]+)"', response.text)
+            if response.status_code == 403 and back:
+                url = urljoin(url, unescape(back.group(1)))
+                continue
+            assert response.is_redirect, f"{url}: {response.status_code} {response.text[:500]}"
+            url = urljoin(url, response.headers["location"])
         raise AssertionError(f"too many redirects: {self.visited}")
 
 
