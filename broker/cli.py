@@ -16,6 +16,7 @@ from flask import Flask
 
 from .config import ENV_CONFIG, ConfigError
 from .config import load as load_config
+from .login_cli import login
 
 if TYPE_CHECKING:
     from .migrate import BranchStatus
@@ -835,3 +836,6 @@ def explain_cmd(
     else:
         click.echo(explain.render_text(result))
     sys.exit(result.exit_code)
+
+
+main.add_command(login)
