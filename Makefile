@@ -27,8 +27,13 @@ node:
 	  fi; \
 	done
 
+# make demo PORT=8010 MCP_PORT=8011 DEMO_DIR=/tmp/demo
+PORT     ?= 8000
+MCP_PORT ?= 8001
+DEMO_DIR ?= instance/demo
+
 demo: $(STAMP)
-	$(BIN)/broker demo
+	@$(BIN)/broker demo --port $(PORT) --mcp-port $(MCP_PORT) --dir $(DEMO_DIR)
 
 test: $(STAMP) node
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -16,6 +16,7 @@ from flask import Flask
 
 from .config import ENV_CONFIG, ConfigError
 from .config import load as load_config
+from .failures import describe
 from .login_cli import login
 
 if TYPE_CHECKING:
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
 def _app(ctx: click.Context, *, check_schema: bool = True) -> Flask:
     from . import create_app
 
-    path = ctx.find_root().params.get("config") or os.environ.get(ENV_CONFIG)
+    settings = _settings(ctx)
     try:
-        return create_app(path, check_schema=check_schema)
+        return create_app(settings, check_schema=check_schema)
     except ConfigError as exc:
         _fail(exc)
 
@@ -39,7 +40,36 @@ def _fail(exc: ConfigError) -> NoReturn:
     sys.exit(2)
 
 
-@click.group()
+class BrokerGroup(click.Group):
+    """The ``broker`` command: an expected failure (the database unreachable, Redis refusing, a
+    port taken) ends in one line naming what, where and why, and exit status 1; anything else
+    in one line too, with the hint that ``--debug`` shows the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            settings = ctx.meta.get(_SETTINGS)
+            line = describe(
+                exc,
+                database_url=getattr(settings, "database_url", None),
+                redis_url=getattr(settings, "redis_url", None),
+            )
+            if line is None:
+                cause = " ".join(str(exc).split())[:300]
+                line = f"unexpected {type(exc).__name__}: {cause} (--debug shows the traceback)"
+            click.echo(f"broker: {line}", err=True)
+            sys.exit(1)
+
+
+_SETTINGS = "broker.settings"
+
+
+@click.group(cls=BrokerGroup)
 @click.option(
     "--config",
     "-c",
@@ -47,21 +77,43 @@ def _fail(exc: ConfigError) -> NoReturn:
     envvar=ENV_CONFIG,
     help=f"Path to broker.yaml (default: ${ENV_CONFIG}).",
 )
-def main(config: str | None) -> None:
+@click.option("--debug", is_flag=True, help="On a failure, print the full traceback.")
+def main(config: str | None, debug: bool) -> None:
     """The MCP identity broker."""
 
 
 @main.command("check-config")
+@click.option(
+    "--connect",
+    is_flag=True,
+    help="Also check the database (reachable, at head, keys open), Redis, and every provider.",
+)
 @click.pass_context
-def check_config(ctx: click.Context) -> None:
-    """Validate the configuration and the provider plugins, then exit."""
-    app = _app(ctx, check_schema=False)
-    settings = app.extensions["broker"].settings
-    _close(app)
+def check_config(ctx: click.Context, connect: bool) -> None:
+    """Validate the configuration and the provider plugins without writing anything; with
+    --connect, check what it points at, one line per check."""
+    from .plugins import ProviderRegistry, plugin_manager
+
+    settings = _settings(ctx)
+    try:
+        registry = ProviderRegistry.for_settings(plugin_manager(), settings)
+    except ConfigError as exc:
+        _fail(exc)
     click.echo(
         f"configuration ok: issuer {settings.issuer}, "
         f"{len(settings.providers)} provider(s), {len(settings.resources)} resource(s)"
     )
+    if not connect:
+        return
+    from . import checks
+
+    results = checks.run(settings, registry)
+    for result in results:
+        click.echo(result.line(), err=not result.ok)
+    failed = sum(not r.ok for r in results)
+    if failed:
+        click.echo(f"broker check-config: {failed} check(s) failed", err=True)
+        sys.exit(1)
 
 
 @main.command("serve")
@@ -88,9 +140,13 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
 @click.option("--mcp-port", default=8001, show_default=True, type=int, help="Demo MCP server port.")
 def demo(directory: str, port: int, mcp_port: int) -> None:
     """Run the broker (SQLite, local provider, a demo user) and a demo MCP server it protects."""
-    from .demo import run_demo
+    from .demo import PortTaken, run_demo
 
-    run_demo(Path(directory), port=port, mcp_port=mcp_port)
+    try:
+        run_demo(Path(directory), port=port, mcp_port=mcp_port)
+    except PortTaken as exc:
+        click.echo(f"broker demo: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command("purge")
@@ -218,9 +274,9 @@ def _branch(branch: BranchStatus) -> str:
 @contextlib.contextmanager
 def _migration_errors(command: str) -> Iterator[None]:
     """A failing migration command explains itself in one line (its transaction is rolled
-    back); SQL parameters, which may hold a secret's hash, are left out."""
+    back); a database error is said by :class:`BrokerGroup`, without the SQL parameters, which
+    may hold a secret's hash."""
     from alembic.util import CommandError
-    from sqlalchemy.exc import DBAPIError
 
     try:
         yield
@@ -229,10 +285,6 @@ def _migration_errors(command: str) -> Iterator[None]:
         sys.exit(1)
     except (SyntaxError, ImportError) as exc:  # a client migration that does not load
         click.echo(f"broker {command}: a migration does not load: {exc}", err=True)
-        sys.exit(1)
-    except DBAPIError as exc:
-        reason = " ".join(str(exc.orig).split())
-        click.echo(f"broker {command}: the database refused it: {reason}", err=True)
         sys.exit(1)
 
 
@@ -751,9 +803,11 @@ def _close(app: Flask) -> None:
 def _settings(ctx: click.Context) -> Any:
     path = ctx.find_root().params.get("config") or os.environ.get(ENV_CONFIG)
     try:
-        return load_config(path)
+        settings = load_config(path)
     except ConfigError as exc:
         _fail(exc)
+    ctx.meta[_SETTINGS] = settings  # for the one-line failure of what it points at
+    return settings
 
 
 def init_app(app: Flask) -> None:

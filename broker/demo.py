@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -159,12 +160,35 @@ def demo_settings(directory: Path, port: int, mcp_port: int) -> Any:
     )
 
 
+class PortTaken(Exception):
+    """A port the demo needs is in use (or not allowed): said before anything else."""
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Bind each port once, as the servers will, so that a taken one is said first."""
+    if len(set(ports.values())) < len(ports):
+        raise PortTaken(f"the ports must differ: {', '.join(f'{k} {v}' for k, v in ports.items())}")
+    for what, port in ports.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                raise PortTaken(
+                    f"cannot listen on {host}:{port} for the {what}: {reason} "
+                    "(choose other ports: make demo PORT=8010 MCP_PORT=8011, "
+                    "or broker demo --port 8010 --mcp-port 8011)"
+                ) from None
+
+
 def run_demo(directory: Path, *, port: int = 8000, mcp_port: int = 8001) -> None:
     from .app import create_app
     from .db import Database
     from .devserver import serve
     from .migrate import upgrade
 
+    check_ports("127.0.0.1", {"broker": port, "demo MCP server": mcp_port})
     settings = demo_settings(directory, port, mcp_port)
     database = Database(settings.database_url)
     upgrade(database.engine, client_migrations=settings.client_migrations)

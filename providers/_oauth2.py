@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import httpx
 
 from ._config import ConfigReader, sanitize_code
-from ._http import UpstreamHTTP
+from ._http import UpstreamHTTP, bare_url
 from .contract import (
     BASE_FACTS,
     CallbackRequest,
@@ -392,6 +392,18 @@ class OAuth2Provider:
         if extra:
             tokens = replace(tokens, context={**tokens.context, **extra})
         return LoginResult(identity=identity, tokens=tokens)
+
+    def check(self, http: httpx.Client) -> list[str]:
+        """The authorization and token endpoints answer at all (any status but 5xx and 429: a
+        bare GET is not a valid request, only a sign that the host serves them)."""
+        lines = []
+        for what, url in (
+            ("authorization endpoint", self.authorization_endpoint(http)),
+            ("token endpoint", self.token_endpoint(http)),
+        ):
+            response = self.upstream.send(http, "GET", url, what=what)
+            lines.append(f"{what} {bare_url(url)} answers (HTTP {response.status_code})")
+        return lines
 
     def refresh(self, tokens: UpstreamTokens, http: httpx.Client) -> UpstreamTokens:
         """The refresh grant (RFC 6749 section 6); the old refresh token is kept when the

@@ -31,6 +31,7 @@ import httpx
 import jwt
 
 from ._config import ConfigReader, check_url, sanitize_code
+from ._http import bare_url
 from ._oauth2 import OAuth2Provider, OAuth2Settings, b64url, optional_str, strings
 from .contract import BASE_FACTS, Identity, LoginRequest, UpstreamTokens
 from .errors import LoginFailed
@@ -396,6 +397,16 @@ class OpenIDConnectProvider(OAuth2Provider):
         (Keycloak's roles in the access token)."""
         current = self.build_identity(claims, {"sub": identity.subject}, self.metadata(http))
         return replace(current, hosted_domain=identity.hosted_domain, raw=identity.raw)
+
+    def check(self, http: httpx.Client) -> list[str]:
+        """Discovery (the issuer it names must be the configured one) and the signing keys."""
+        metadata = self.metadata(http)
+        keys = self._fetch_jwk_set(http, metadata)
+        url, _ = self.discovery_candidates()[0]
+        return [
+            f"discovery {bare_url(url)}: issuer {metadata.issuer}",
+            f"jwks {bare_url(metadata.jwks_uri)}: {len(keys)} key(s)",
+        ]
 
     # -- discovery, keys, HTTP -----------------------------------------------------------------
 

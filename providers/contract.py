@@ -275,6 +275,16 @@ class RecheckingProvider(Protocol):
 
 
 @runtime_checkable
+class CheckingProvider(Protocol):
+    """Optional: ``broker check-config --connect`` asks the provider whether it can work: reach
+    its upstream (discovery, keys, endpoints) or read its files. Returns one line per thing
+    checked (``discovery https://idp/.well-known/openid-configuration: issuer https://idp``);
+    raises a :mod:`providers.errors` error naming the URL and the cause when one fails."""
+
+    def check(self, http: httpx.Client) -> list[str]: ...
+
+
+@runtime_checkable
 class RequirementsAware(Protocol):
     """Optional: told once, after configuration and before the first request, what the broker
     needs of this provider (GitHub asks for ``read:org`` only when rules read orgs or teams)."""

@@ -162,6 +162,14 @@ class LocalProvider:
                 pass  # keep the last good file; the operator sees the problem at next start
             return self._users
 
+    def check(self, http: Any) -> list[str]:
+        """The users file reads and validates now (it is read again whenever it changes)."""
+        try:
+            users = load_users(self._path)
+        except ConfigError as exc:
+            raise LoginFailed("users_file_invalid", detail="; ".join(exc.problems)) from None
+        return [f"users file {self._path}: {len(users)} user(s)"]
+
     def authenticate(self, username: str, password: str) -> LoginResult:
         user = self._current_users().get(username)
         if user is None or user.disabled:
