@@ -1,3 +1,6 @@
-from broker.app import create_app
+"""``gunicorn wsgi:app -c gunicorn.conf.py`` from a checkout; the application is
+:mod:`broker.wsgi`'s, which an installed package serves as ``broker.wsgi:app``."""
 
-app = create_app()
+from broker.wsgi import app
+
+__all__ = ["app"]

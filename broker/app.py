@@ -13,6 +13,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_module
+from . import metrics
 from .config import Settings
 from .crypto import Sealer
 from .db import Database
@@ -107,7 +108,7 @@ def create_app(
     server.register_endpoint(ClientRegistration)
     server.register_endpoint(TokenRevocation)
     server.register_endpoint(TokenIntrospection)
-    http = httpx.Client(
+    http = metrics.UpstreamClient(  # an httpx.Client that times upstream requests
         timeout=httpx.Timeout(10.0),
         follow_redirects=False,
         headers={"User-Agent": "mcp-identity-broker"},

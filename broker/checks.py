@@ -52,6 +52,24 @@ def run(settings: Settings, providers: ProviderRegistry) -> list[Check]:
     return checks
 
 
+def startup_problem(settings: Settings) -> str | None:
+    """Why a broker with ``settings`` cannot start, in one line, or ``None``: the provider
+    plugins refuse their config, or the database is unreachable, behind, or holds keys the
+    secret does not open. Reads only; the upstreams are not asked (one being down must not stop
+    the broker)."""
+    from .config import ConfigError
+    from .plugins import plugin_manager
+
+    try:
+        ProviderRegistry.for_settings(plugin_manager(), settings)
+    except ConfigError as exc:
+        return "invalid configuration: " + "; ".join(exc.problems)
+    for check in database_checks(settings):
+        if not check.ok:
+            return f"{check.what}: {check.detail}"
+    return None
+
+
 def database_checks(settings: Settings) -> list[Check]:
     """Reachable, at every migration head, and the signing keys open with ``secret_key``."""
     from .migrate import migration_status

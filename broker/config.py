@@ -116,6 +116,35 @@ class CIMDSettings:
     failure_cache: int = 60
 
 
+METRICS_MODES = ("bearer_token", "bind", "public")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """``/metrics`` (docs/metrics.md). Off by default (404). At most one of: ``bearer_token``
+    (the main port's ``/metrics`` asks for ``Authorization: Bearer <token>``), ``bind`` (a
+    listener of its own, ``host:port``, started in the gunicorn master by
+    ``broker.gunicorn_conf``; the main port answers 404) or ``public`` (open on the main port,
+    for a proxy in front that restricts it)."""
+
+    bearer_token: str | None = field(default=None, repr=False)
+    bind: tuple[str, int] | None = None
+    public: bool = False
+
+    @property
+    def mode(self) -> str:
+        """``off``, ``bearer_token``, ``bind`` or ``public``."""
+        if self.bearer_token is not None:
+            return "bearer_token"
+        if self.bind is not None:
+            return "bind"
+        return "public" if self.public else "off"
+
+    @property
+    def on_main_port(self) -> bool:
+        return self.mode in ("bearer_token", "public")
+
+
 @dataclass(frozen=True)
 class Settings:
     issuer: str
@@ -142,6 +171,7 @@ class Settings:
         default_factory=lambda: dict(DEFAULT_RATE_LIMITS)
     )
     client_metadata_documents: CIMDSettings = field(default_factory=CIMDSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     testing: bool = False
     allow_insecure_issuer: bool = False
 
@@ -474,6 +504,65 @@ def _rate_limits(raw: Any, reader: _Reader, problems: list[str]) -> dict[str, di
     return limits
 
 
+_BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")  # RFC 6750 section 2.1 b64token
+_BIND = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):([0-9]{1,5})$")
+
+
+def _bind_address(value: str, path: str, problems: list[str]) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as (host, port)."""
+    match = _BIND.match(value.strip())
+    port = int(match.group(3)) if match else 0
+    if match is None or not 1 <= port <= 65535:
+        problems.append(f"{path}: must be host:port (127.0.0.1:9100, [::1]:9100)")
+        return None
+    host = match.group(1) or match.group(2)
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            problems.append(f"{path}: {host} is not an IPv6 address")
+            return None
+    return host, port
+
+
+def _metrics(raw: Any, reader: _Reader, problems: list[str]) -> MetricsSettings:
+    """``metrics``: absent or ``off`` (404), or a mapping with one of ``bearer_token``,
+    ``bind`` or ``public: true``."""
+    if raw is None or raw is False or raw == "off":
+        return MetricsSettings()
+    if not isinstance(raw, dict):
+        problems.append("metrics: must be a mapping (bearer_token, bind or public) or off")
+        return MetricsSettings()
+    reader.unknown(raw, set(METRICS_MODES), "metrics")
+    token = None
+    if "bearer_token" in raw:  # present but empty (an unset ${VAR:-}) is a mistake, not off
+        token = reader.string(raw, "bearer_token", "metrics", required=True)
+        if token is not None and not _BEARER_TOKEN.match(token):
+            problems.append(
+                "metrics.bearer_token: letters, digits and -._~+/ only (use `openssl rand -hex 32`)"
+            )
+        elif token is not None and len(token) < 32:
+            problems.append(
+                "metrics.bearer_token: must be at least 32 characters (use `openssl rand -hex 32`)"
+            )
+    bind = None
+    if "bind" in raw:
+        value = raw["bind"]
+        if not isinstance(value, str) or not value:
+            problems.append("metrics.bind: must be host:port (127.0.0.1:9100, [::1]:9100)")
+        else:
+            bind = _bind_address(value, "metrics.bind", problems)
+    public = reader.boolean(raw, "public", "metrics", False)
+    chosen = [key for key in ("bearer_token", "bind") if key in raw] + (
+        ["public"] if public else []
+    )
+    if len(chosen) > 1:
+        problems.append(
+            f"metrics: choose one of bearer_token, bind or public (not {' and '.join(chosen)})"
+        )
+    return MetricsSettings(bearer_token=token, bind=bind, public=public)
+
+
 TOP_LEVEL = {
     "issuer",
     "database_url",
@@ -491,6 +580,7 @@ TOP_LEVEL = {
     "client_migrations",
     "rate_limits",
     "client_metadata_documents",
+    "metrics",
     "instance_path",
 }
 
@@ -685,6 +775,7 @@ def parse(
         ),
         rate_limits=_rate_limits(data.get("rate_limits"), reader, problems),
         client_metadata_documents=cimd,
+        metrics=_metrics(data.get("metrics"), reader, problems),
         testing=testing,
         allow_insecure_issuer=allow_insecure,
     )

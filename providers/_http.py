@@ -87,6 +87,7 @@ class UpstreamHTTP:
                 params=params,
                 timeout=self.timeout,
                 follow_redirects=False,
+                extensions={"provider": self.provider},  # the broker times requests by it
             )
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable(

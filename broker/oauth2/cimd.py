@@ -60,7 +60,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .. import audit
+from .. import audit, metrics
 from ..config import CIMDSettings, Settings
 from ..db import Database, utcnow
 from ..models import Client, ClientMetadataFailure
@@ -770,9 +770,11 @@ class ClientMetadataDocuments:
             fetched = self.fetcher.fetch(client_id)
             metadata = validate_document(client_id, fetched.document)
         except CIMDError as exc:
+            metrics.client_metadata_fetch(exc.reason)
             self._refused(client_id, exc, address, known=kind is not None)
             raise
         self._store(client_id, metadata, fetched.lifetime, address)
+        metrics.client_metadata_fetch("success")
 
     def _check_host(self, host: str) -> None:
         settings = self.settings.client_metadata_documents

@@ -33,7 +33,7 @@ from werkzeug.wrappers import Request, Response
 
 from providers.contract import Identity as UpstreamIdentity
 
-from .. import audit
+from .. import audit, metrics
 from ..config import Settings
 from ..crypto import Sealer, new_token, token_hash
 from ..db import Database, utcnow
@@ -345,6 +345,7 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
                 extra=extra,
             ),
         )
+        metrics.token_issued(grant_type, self.settings.resource(audience))
         token: dict[str, Any] = {
             "access_token": access_token,
             "token_type": "Bearer",

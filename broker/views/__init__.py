@@ -17,7 +17,7 @@ from werkzeug.wrappers import Response
 
 from .. import get_broker
 from ..ratelimit import RateLimiter, address_subject
-from . import account, health, login, oauth, well_known
+from . import account, health, login, metrics, oauth, well_known
 from ._web import (
     RATE_LIMITER,
     body_too_large,
@@ -71,6 +71,7 @@ def _is_api() -> bool:
 def init_app(app: Flask) -> None:
     for module in (well_known, oauth, login, account, health):
         app.register_blueprint(module.bp)
+    metrics.init_app(app)  # /metrics, and each request's latency and OAuth error
     _init_rate_limits(app)
 
     @app.before_request

@@ -11,6 +11,7 @@ from werkzeug.wrappers import Response
 from providers.contract import CallbackRequest, LoginResult, PasswordLogin, RedirectLogin
 from providers.errors import AccessDenied, LoginFailed, ProviderError, UpstreamUnavailable
 
+from .. import metrics
 from ..flow import Denied, FlowError
 from ._web import (
     BROWSER_COOKIE,
@@ -120,6 +121,7 @@ def _password_submit(
         b.flow.password_login(session, login_id, browser_hash(), provider)
         blocked = b.throttle.blocked(session, actor, address)
     if blocked:
+        metrics.sign_in(provider, "throttled")
         return _login_page(
             display_name,
             provider,
@@ -131,6 +133,7 @@ def _password_submit(
     try:
         result = plugin.authenticate(username, password)
     except LoginFailed:
+        metrics.sign_in(provider, "failed")
         b.throttle.record_failure(actor, address)
         with b.db.session() as session:
             b.flow.password_failed(session, provider, actor, address)
@@ -138,6 +141,7 @@ def _password_submit(
             display_name, provider, login_id, username, 400, "Invalid username or password."
         )
     except ProviderError as exc:  # a password provider whose backend is down
+        metrics.sign_in(provider, "unavailable")
         log.warning("sign-in through %s failed: %s", provider, provider_error_cause(exc))
         return _login_page(
             display_name,
@@ -151,6 +155,7 @@ def _password_submit(
         outcome, session_value = b.flow.complete_password_login(
             session, login_id, browser_hash(), provider, result, address
         )
+    metrics.sign_in_finished(provider, result, outcome)
     return _outcome_response(outcome, session_value)
 
 
@@ -212,6 +217,7 @@ def callback(provider: str) -> Response:
             )
     except FlowError as exc:  # rolled back: nothing half-written
         return error_page(exc.status, exc.title, exc.message)
+    metrics.sign_in_finished(provider, answer, outcome)
     return _outcome_response(outcome, session_value)
 
 
