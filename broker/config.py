@@ -91,9 +91,23 @@ DEFAULT_RATE_LIMITS: dict[str, dict[str, RateLimit]] = {
     "register": {"per_address": RateLimit(600, 3600)},
     # Documents are cached, so a host is fetched rarely; this bounds a client_id flood.
     "client_metadata_fetch": {"per_host": RateLimit(60, 60)},
+    # Browsers, each from its user's address (an office NAT: many users, a few sign-ins each).
+    "authorize": {"per_address": RateLimit(600, 60)},
 }
 """The limits in force without ``rate_limits`` in the config; each one can be changed, or
 turned off with ``off``."""
+
+RATE_LIMIT_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "register": ("per_address",),
+    "client_metadata_fetch": ("per_host",),
+    "authorize": ("per_address",),
+    # Off unless configured: the token path is the broker's hot path, and without Redis each
+    # counted request is one more database write (README, "Rate limits").
+    "token": ("per_address", "per_client"),
+    "revoke": ("per_address", "per_client"),
+    "introspect": ("per_address", "per_client"),
+}
+"""Every limit there is, and what each counts (a client is counted once authenticated)."""
 
 
 @dataclass(frozen=True)
@@ -485,22 +499,22 @@ def _rate_limits(raw: Any, reader: _Reader, problems: list[str]) -> dict[str, di
     data = reader.mapping(raw, "rate_limits")
     for name, per in data.items():
         path = f"rate_limits.{name}"
-        if name not in DEFAULT_RATE_LIMITS:
-            problems.append(f"{path}: unknown limit (known: {', '.join(DEFAULT_RATE_LIMITS)})")
+        if name not in RATE_LIMIT_SUBJECTS:
+            problems.append(f"{path}: unknown limit (known: {', '.join(RATE_LIMIT_SUBJECTS)})")
             continue
         for subject, value in reader.mapping(per, path).items():
-            if subject not in DEFAULT_RATE_LIMITS[name]:
-                known = ", ".join(DEFAULT_RATE_LIMITS[name])
+            if subject not in RATE_LIMIT_SUBJECTS[name]:
+                known = ", ".join(RATE_LIMIT_SUBJECTS[name])
                 problems.append(f"{path}.{subject}: unknown key (known: {known})")
             elif value in ("off", False):
-                limits[name].pop(subject, None)
+                limits.setdefault(name, {}).pop(subject, None)
             elif (rate := parse_rate(value)) is None:
                 problems.append(
                     f"{path}.{subject}: must be N/unit (unit second, minute, hour or day), "
                     "N at least 1, or off"
                 )
             else:
-                limits[name][subject] = rate
+                limits.setdefault(name, {})[subject] = rate
     return limits
 
 
@@ -803,9 +817,15 @@ def load(
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        # The parser's reason names tokens (``expected ',' or '}', but got '}'``), never values.
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{file}: not valid YAML{where}"]) from None
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = getattr(exc, "context", None)
+        problem = getattr(exc, "problem", None)
+        reason = ", ".join(str(part) for part in (context, problem) if part)
+        raise ConfigError(
+            [f"{file}: not valid YAML{where}" + (f": {reason}" if reason else "")]
+        ) from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError([f"{file}: the top level must be a mapping"])
     return parse(data, env=env, base_dir=str(file.resolve().parent), testing=testing)

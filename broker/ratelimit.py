@@ -181,6 +181,13 @@ class RateLimiter:
             count = self._database_hit(key, dt.datetime.fromtimestamp(keep_until, dt.UTC))
         return Verdict(name, per, rate, count, max(1, math.ceil(end - now)))
 
+    def verdict(self, name: str, per: str, subject: str, rate: RateLimit) -> Verdict:
+        """What the current window holds for ``subject``, without counting a request."""
+        now = self._clock()
+        end = (int(now // rate.period) + 1) * rate.period
+        count = self.count(name, per, subject, rate)
+        return Verdict(name, per, rate, count, max(1, math.ceil(end - now)))
+
     def count(
         self,
         name: str,

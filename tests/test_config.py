@@ -113,6 +113,14 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(bad, env={})
     assert "not valid YAML at line" in info.value.problems[0]
+    # The parser's reason is kept: the README's old example had one brace too many.
+    bad.write_text("issuer: x\nproviders:\n  corp: {type: oidc, client_secret: ${S}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load(bad, env={})
+    assert info.value.problems == [
+        f"{bad}: not valid YAML at line 3, column 38: "
+        "while parsing a flow mapping, expected ',' or '}', but got '{'"
+    ]
     with pytest.raises(ConfigError) as info:
         load(None, env={})
     assert "BROKER_CONFIG" in info.value.problems[0]

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlencode
 from authlib.oauth2.rfc6749 import AuthorizationServer, JsonRequest, OAuth2Request
 from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedResponseTypeError
 from authlib.oauth2.rfc6749.requests import JsonPayload, OAuth2Payload
+from flask import after_this_request
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
@@ -39,8 +40,10 @@ from ..crypto import Sealer, new_token, token_hash
 from ..db import Database, utcnow
 from ..keys import KeyRing
 from ..models import Client, Grant, Identity, RefreshToken
+from ..ratelimit import RateLimiter, Verdict
 from .client_credentials import ClientCredentialsGrant, ClientSubject
 from .clients import OAuthClient
+from .errors import TooManyRequestsError
 from .rfc6749 import (
     AuthorizationCodeGrant,
     GrantUser,
@@ -159,7 +162,14 @@ class UnsupportedResponseType(UnsupportedResponseTypeError):  # type: ignore[mis
         return self.DESCRIPTION
 
 
+LIMITED_ENDPOINTS = {"token": "token", "revocation": "revoke", "introspection": "introspect"}
+"""Authlib's endpoint names (``authenticate_client``'s ``endpoint``): their limits' names."""
+
+
 class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
+    limiter: RateLimiter | None = None
+    """The app's rate limiter (set by :mod:`broker.views`), for the per-client limits."""
+
     # OAuth 2.1: the code grant with PKCE, refresh with rotation, client credentials for agents.
     TOKEN_GRANTS = (AuthorizationCodeGrant, RefreshTokenGrant, ClientCredentialsGrant)
 
@@ -198,6 +208,37 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             state=request.payload.state,
         )
 
+    def count_client(self, endpoint: str, client: Any) -> None:
+        """The per-client limit of ``endpoint`` (``rate_limits.<token|revoke|introspect>
+        .per_client``), decided once the client is authenticated, so that nobody spends another
+        client's budget by naming it (a public client is named by its ``client_id`` alone).
+
+        The window's count is read now and the request counted once the response is made,
+        after the request's transaction: on SQLite a counter written from inside it would wait
+        for its own lock. Requests of one client in flight at the same moment may pass the
+        limit by their number."""
+        name = LIMITED_ENDPOINTS.get(endpoint)
+        rates = self.limiter
+        if name is None or rates is None:
+            return
+        rate = rates.limit(name, "per_client")
+        if rate is None:
+            return
+        client_id = client.get_client_id()
+        verdict = rates.verdict(name, "per_client", client_id, rate)
+        if verdict.count <= rate.count:  # counted: the allowed ones, and the first refused
+
+            @after_this_request
+            def counted(response: Any) -> Any:
+                rates.hit(name, "per_client", client_id, rate)
+                return response
+
+        if verdict.count >= rate.count:
+            if verdict.count == rate.count:  # logged once per window and client
+                log.warning("rate limit %s.per_client (%s) reached by %s", name, rate, client_id)
+            refused = Verdict(name, "per_client", rate, verdict.count + 1, verdict.retry_after)
+            raise TooManyRequestsError(refused.description, refused.retry_after)
+
     def grant_types_supported(self) -> list[str]:
         """The ``grant_type`` values of the registered token grants (RFC 8414 section 2)."""
         return [grant.GRANT_TYPE for grant, _ in self._token_grants]
@@ -207,7 +248,9 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         credentials. A malformed Basic header is ``invalid_client`` whatever else the request
         carries (section 2.3: one authentication method per request)."""
         basic_credentials(request.headers)
-        return super().authenticate_client(request, methods, endpoint)
+        client = super().authenticate_client(request, methods, endpoint)
+        self.count_client(endpoint, client)
+        return client
 
     # -- request context ------------------------------------------------------------------
 

@@ -191,3 +191,4 @@ def _init_rate_limits(app: Flask) -> None:
     app.extensions[RATE_LIMITER] = rates
     b.throttle.attach(rates)
     b.cimd.limiter = rates
+    b.server.limiter = rates  # the per-client limits, counted once the client is authenticated

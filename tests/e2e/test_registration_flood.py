@@ -63,6 +63,7 @@ def two_workers(
     users_file: Path,
     rate: str,
     counters: dict[str, Any],
+    limits: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Two gunicorn instances of one worker each, on one database and one configuration:
     alternating between them puts every other request on the other worker."""
@@ -80,7 +81,7 @@ def two_workers(
                 "database_url": database_url,
                 "providers": {"local": {"users_file": str(users_file)}},
                 "resources": resources(free_port(), free_port()),
-                "rate_limits": {"register": {"per_address": rate}},
+                "rate_limits": {"register": {"per_address": rate}, **(limits or {})},
                 **counters,
             }
         )
@@ -166,6 +167,51 @@ def test_the_flood_is_let_through_again_after_the_window(
         time.sleep(int(refused.headers["Retry-After"]) + 0.05)
         assert register(b).status_code == 201
         assert register(a).status_code == 201
+
+
+def test_token_and_authorize_limits_are_held_by_two_workers_together(
+    tmp_path: Path, database_url: str, users_file: Path, counters: dict[str, Any]
+) -> None:
+    """Per client at /token (counted once the client is authenticated: a refresh with a bad
+    token still counts, a wrong client does not), per address at /authorize."""
+    limits = {
+        "token": {"per_client": "10/minute"},
+        "authorize": {"per_address": "10/minute"},
+    }
+    with two_workers(tmp_path, database_url, users_file, "100/minute", counters, limits) as (
+        a,
+        b,
+    ):
+        client_id = register(a).json()["client_id"]
+
+        def refresh(url: str) -> httpx.Response:
+            form = {"grant_type": "refresh_token", "refresh_token": "x", "client_id": client_id}
+            return httpx.post(f"{url}/token", data=form, timeout=30)
+
+        def authorize(url: str) -> httpx.Response:
+            return httpx.get(f"{url}/authorize", params={"client_id": "nobody"}, timeout=30)
+
+        wait_for_window(60, needed=20)
+        with ThreadPoolExecutor(4) as pool:
+            tokens = list(pool.map(refresh, [a, b] * 15))
+            pages = list(pool.map(authorize, [a, b] * 15))
+        statuses = [r.status_code for r in tokens]
+        # Read, then counted once answered: requests in flight together may pass by their number.
+        assert 10 <= statuses.count(400) <= 10 + 4, statuses
+        assert statuses.count(400) + statuses.count(429) == 30, statuses
+        for first in (0, 1):
+            assert 429 in statuses[first::2], statuses  # both workers refused
+        refused = next(r for r in tokens if r.status_code == 429)
+        assert refused.json()["error"] == "too_many_requests"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        # Another client keeps its own budget.
+        other = register(b).json()["client_id"]
+        form = {"grant_type": "refresh_token", "refresh_token": "x", "client_id": other}
+        assert httpx.post(f"{a}/token", data=form).status_code == 400
+        statuses = [r.status_code for r in pages]
+        assert statuses.count(400) == 10 and statuses.count(429) == 20, statuses
+        for first in (0, 1):
+            assert 429 in statuses[first::2], statuses
 
 
 # -- an oversized body on a kept-alive connection to gunicorn -----------------------------------
