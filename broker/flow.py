@@ -38,7 +38,7 @@ from providers.errors import AccessDenied, LoginFailed, ProviderError, UpstreamU
 
 from . import audit, policy
 from .config import ResourceSettings, Settings
-from .crypto import Sealer, new_token, token_hash
+from .crypto import Sealer, SealError, new_token, token_hash
 from .db import rows_affected, utcnow
 from .models import (
     BrowserSession,
@@ -742,13 +742,22 @@ class AuthorizationFlow:
                 "from your application.",
             )
         assert pending.upstream_secrets_sealed is not None
-        secrets_ = json.loads(
-            self.sealer.open_text(
+        try:
+            opened = self.sealer.open_text(
                 pending.upstream_secrets_sealed, f"pending_logins:{pending.id}:upstream"
             )
-        )
+        except SealError:
+            # Sealed under a root secret this host no longer has (secret_key changed without
+            # previous_secret_keys), or tampered with: this sign-in cannot finish; a new one can.
+            log.warning("pending login %s: its upstream secrets do not open", pending.id)
+            raise FlowError(
+                400,
+                "Sign-in could not be completed",
+                "This sign-in was started before the server's keys changed. Start again "
+                "from your application.",
+            ) from None
         pending.upstream_secrets_sealed = None
-        return pending, secrets_
+        return pending, json.loads(opened)
 
     def upstream_failed(
         self, session: Session, pending: PendingLogin, error: str, reason: str, address: str | None

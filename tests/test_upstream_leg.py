@@ -126,6 +126,38 @@ def test_reused_upstream_state_is_refused(upstream: Callable[..., Upstream]) -> 
         assert up.count(AuthorizationCode) == codes  # nothing new was issued
 
 
+def test_a_sign_in_whose_upstream_secrets_do_not_open_is_a_page(
+    upstream: Callable[..., Upstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its nonce and PKCE verifier sealed under a root secret this host does not have (or the
+    row tampered with): the sign-in cannot finish, and says so; never a 500."""
+    from sqlalchemy import update
+
+    from broker.crypto import Sealer
+
+    up = upstream()
+    with httpx.Client(follow_redirects=False) as http:
+        _, approved = _start_login(http, up)
+        callback = _follow_until_callback(http, up, approved.headers["location"])
+        with up.app.extensions["broker"].db.session() as session:
+            pending = session.scalars(select(PendingLogin)).one()
+            other = Sealer("another-root-secret-" + "y" * 30)
+            session.execute(
+                update(PendingLogin)
+                .where(PendingLogin.id == pending.id)
+                .values(
+                    upstream_secrets_sealed=other.seal_text(
+                        "{}", f"pending_logins:{pending.id}:upstream"
+                    )
+                )
+            )
+        response = http.get(callback)
+    assert response.status_code == 400, response.text
+    assert "Sign-in could not be completed" in response.text
+    assert "Traceback" not in caplog.text and up.count(AuthorizationCode) == 0
+    assert "its upstream secrets do not open" in caplog.text
+
+
 def test_callback_from_another_browser_is_refused(upstream: Callable[..., Upstream]) -> None:
     up = upstream()
     with (
