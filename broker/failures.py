@@ -20,7 +20,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from .config import ConfigError
 
-_FAILED_AT = re.compile(r".*failed: (?P<cause>[^\n]+)$")
+# libpq: 'connection to server at "db" (10.0.0.5), port 5432 failed: Connection refused'
+_FAILED_AT = re.compile(r'.*(?:port \d+|socket "[^"]*") failed: (?P<cause>[^\n]+)$')
 
 
 def safe_url(url: str) -> str:
