@@ -23,15 +23,20 @@ browser, then measures with the same client concurrency (threads, each with a ke
 
 (a), (b) and (b2) alternate in rounds; every ratio is taken within this run only (figures on a
 shared 2-core machine vary by about 30% with the neighbours' load). "server CPU" is the
-user+system time of the gunicorn workers per request (read from /proc; on PostgreSQL the
-database's own processes are not included), "client CPU" the load generator's: on one 2-core box
-they share the cores.
+user+system time of the gunicorn workers per request (read from /proc), "database CPU" that of
+the PostgreSQL server processes serving this instance's connections (found by their
+application_name; the server runs on this machine), "client CPU" the load generator's: on one
+2-core box they all share the cores. The rate limits of /token and /authorize are off (the load
+comes from one address and, in (b), one client, far above them); later authorizations of the
+signed-in browser are confirmed as the signed-in user (a loopback redirect URI is confirmed every
+time).
 
     .venv/bin/python bench/token_endpoint.py                 # SQLite, about 100 s
     .venv/bin/python bench/token_endpoint.py --quick         # about 25 s
     .venv/bin/python bench/token_endpoint.py \\
         --database-url postgresql+psycopg://postgres@127.0.0.1:5432/test
     .venv/bin/python bench/token_endpoint.py --grants 1000000   # (d) at 1,000,000 (+30-60 s)
+    .venv/bin/python bench/token_endpoint.py --skip-throughput --grants 1000000   # (d), (e) only
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ import httpx
 import yaml
 from sqlalchemy import JSON, BindParameter, bindparam, func, insert, select, text
 
+from broker.config import DEFAULT_RATE_LIMITS
 from broker.db import Database, UTCDateTime
 from broker.models import Grant, RefreshToken
 from providers.local import hash_password
@@ -75,6 +81,13 @@ SCOPE = "bench:read"
 REFRESH_GOAL = 0.5  # refresh grants/s >= this x bare requests/s
 SCALE_GOAL = 1.2  # latency with many grants <= this x latency with few
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The load comes from one address (and in (b) from one client): the limits of the endpoints it
+# calls are off, their counting is not what is measured.
+LIMITS_OFF = {
+    name: dict.fromkeys(limits, "off")
+    for name, limits in DEFAULT_RATE_LIMITS.items()
+    if name in ("token", "authorize") and limits
+}
 
 
 # -- the broker under gunicorn ---------------------------------------------------------------------
@@ -101,7 +114,9 @@ def database(base_url: str | None, directory: Path, name: str) -> Iterator[str]:
     with psycopg.connect(plain, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     try:
-        yield f"{base_url}?options=-csearch_path%3D{schema}"
+        # The schema also names the connections (application_name): their server processes'
+        # CPU is read from /proc (Instance.database_cpu_seconds).
+        yield f"{base_url}?options=-csearch_path%3D{schema}&application_name={schema}"
     finally:
         with psycopg.connect(plain, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
@@ -128,12 +143,33 @@ class Instance:
 
     def cpu_seconds(self) -> float:
         """user + system time of the workers so far."""
-        total = 0
-        for pid in self.worker_pids():
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-        return total / CLOCK_TICKS
+        return process_cpu(self.worker_pids())
+
+    def database_cpu(self) -> dict[int, float]:
+        """user + system seconds so far of each PostgreSQL server process serving this instance
+        (its connections carry the schema as application_name; the server runs on this
+        machine); none on SQLite, whose work is the workers' own."""
+        if "application_name=" not in self.db_url:
+            return {}
+        import psycopg
+
+        name = self.db_url.rsplit("application_name=", 1)[1]
+        plain = self.db_url.split("?", 1)[0].replace("+psycopg", "")
+        with psycopg.connect(plain, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (name,)
+            ).fetchall()
+        return {int(row[0]): process_cpu([int(row[0])]) for row in rows}
+
+
+def process_cpu(pids: list[int]) -> float:
+    """user + system seconds of ``pids`` so far (those that have exited count nothing)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def write_config(
@@ -149,6 +185,7 @@ def write_config(
                 "instance_path": str(directory / f"{name}-instance"),
                 "tokens": {"signing_alg": alg},
                 "providers": {"local": {"users_file": str(users_file)}},
+                "rate_limits": LIMITS_OFF,
                 "resources": [
                     {
                         "uri": RESOURCE,
@@ -252,7 +289,8 @@ def register(url: str) -> str:
 
 def authorize(browser: httpx.Client, client_id: str) -> tuple[str, str]:
     """One authorization code (and its PKCE verifier): the consent page and the local login form
-    the first time, straight back to the client once this browser has a session and a consent."""
+    the first time; once this browser has a session, the one-click confirmation (a loopback
+    redirect URI, RFC 8252 section 8.6) as the signed-in user."""
     verifier, challenge = pkce()
     state = secrets.token_urlsafe(8)
     params = {
@@ -272,18 +310,22 @@ def authorize(browser: httpx.Client, client_id: str) -> tuple[str, str]:
     if not location.startswith(REDIRECT_URI):
         consent = browser.get(location)
         login = form_value(consent.text, "login")
+        # Signed in before: the one-click confirmation a loopback redirect URI gets each time
+        # (RFC 8252 section 8.6), as the signed-in user; else approve and sign in.
+        provider = "session" if 'value="session"' in consent.text else "local"
         response = browser.post(
             "/consent",
             data={
                 "login": login,
                 "csrf": form_value(consent.text, "csrf"),
                 "action": "approve",
-                "provider": "local",
+                "provider": provider,
             },
         )
         location = response.headers.get("location", "")
         if response.status_code != 302:
             raise RuntimeError(f"/consent: {response.status_code} {response.text[:300]}")
+    if not location.startswith(REDIRECT_URI):
         form = browser.get(location)
         response = browser.post(
             location.split("?")[0],
@@ -368,6 +410,7 @@ class Phase:
     elapsed: float = 0.0
     server_cpu: float = 0.0
     client_cpu: float = 0.0
+    database_cpu: float = 0.0
     latencies: list[float] = field(default_factory=list)
     first_error: str = ""
 
@@ -381,6 +424,7 @@ class Phase:
         self.elapsed += other.elapsed
         self.server_cpu += other.server_cpu
         self.client_cpu += other.client_cpu
+        self.database_cpu += other.database_cpu
         self.latencies += other.latencies
         self.first_error = self.first_error or other.first_error
 
@@ -442,6 +486,7 @@ def run_load(
             phase.errors += errors
             phase.first_error = phase.first_error or first_error
 
+    database_before = instance.database_cpu()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     for thread in threads:
         thread.start()
@@ -454,6 +499,10 @@ def run_load(
     phase.elapsed = time.perf_counter() - started
     phase.server_cpu = instance.cpu_seconds() - cpu_before
     phase.client_cpu = time.process_time() - client_before
+    database_after = instance.database_cpu()
+    phase.database_cpu = sum(  # processes that came or went meanwhile: what is known of them
+        cpu - database_before.get(pid, 0.0) for pid, cpu in database_after.items()
+    )
     phase.count = len(phase.latencies)
     return phase
 
@@ -763,7 +812,7 @@ def report(settings: Settings, tp: dict[str, Any] | None, sc: dict[str, Any] | N
     if tp is not None:
         header = (
             f"{'endpoint':<28} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'server CPU ms/req':>18} "
-            f"{'client CPU ms/req':>18} {'requests':>9} {'errors':>7}"
+            f"{'database CPU ms/req':>20} {'client CPU ms/req':>18} {'requests':>9} {'errors':>7}"
         )
         print(header)
         print("-" * len(header))
@@ -775,10 +824,13 @@ def report(settings: Settings, tp: dict[str, Any] | None, sc: dict[str, Any] | N
             rows.append(("    (/authorize, consented)", tp["authorize"]))
         for label, phase in rows:
             count = max(phase.count, 1)
+            database = phase.database_cpu * 1e3 / count if settings.database_url else float("nan")
             print(
                 f"{label:<28} {phase.rate:>8,.0f} {percentile(phase.latencies, 0.5) * 1e3:>8.2f} "
                 f"{percentile(phase.latencies, 0.95) * 1e3:>8.2f} "
-                f"{phase.server_cpu * 1e3 / count:>18.2f} {phase.client_cpu * 1e3 / count:>18.2f} "
+                f"{phase.server_cpu * 1e3 / count:>18.2f} "
+                f"{database:>20.2f} "
+                f"{phase.client_cpu * 1e3 / count:>18.2f} "
                 f"{phase.count:>9,} {phase.errors:>7}"
             )
 
@@ -869,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-codes", action="store_true", help="leave out (c)")
     parser.add_argument("--skip-scale", action="store_true", help="leave out (d) and (e)")
+    parser.add_argument(
+        "--skip-throughput", action="store_true", help="leave out (a)-(c): (d) and (e) only"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -902,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         print("(a)-(c): throughput", flush=True)
-        tp = throughput(settings, work, users_file)
+        tp = None if args.skip_throughput else throughput(settings, work, users_file)
         sc = None
         if not settings.skip_scale:
             print("(d)-(e): stored grants and family age", flush=True)

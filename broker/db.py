@@ -4,18 +4,29 @@ SQLite (WAL) is the embedded default, PostgreSQL (psycopg 3) the production data
 that decides a race (redeeming a code, rotating a refresh token, consuming an upstream ``state``) is
 a conditional ``UPDATE ... WHERE <still unused>`` whose row count says who won, so correctness never
 depends on process memory and several workers or hosts can share one database.
+
+Dropped PostgreSQL connections (a server restart, a fail-over, an idle timeout) are noticed without
+a round trip: a pooled connection whose socket has something to read while it sits idle in the pool
+has been closed by the server (PostgreSQL sends nothing unasked on an idle connection but its
+farewell), and is replaced at checkout (:func:`_configure_postgresql`). A connection that dies
+unseen fails its first statement; :func:`first_read` retries that statement once on a fresh
+connection (nothing was written yet). There is no ``pool_pre_ping``: it would cost every request a
+round trip.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import select
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import DateTime, MetaData, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -101,7 +112,29 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    engine = create_engine(url, echo=echo, pool_size=5, max_overflow=10)
+    if engine.dialect.name == "postgresql":
+        _configure_postgresql(engine)
+    return engine
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        # An idle connection has nothing to read unless the server closed it (or said why it is
+        # about to): the pool then discards it and checks out another (DisconnectionError).
+        if dbapi_connection.closed or dbapi_connection.broken or _readable(dbapi_connection):
+            raise DisconnectionError("the server closed this pooled connection")
+
+
+def _readable(dbapi_connection: Any) -> bool:
+    try:
+        fd = dbapi_connection.pgconn.socket
+    except psycopg.Error:  # the connection is lost: no socket any more
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -125,6 +158,20 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def first_read(session: Session, statement: Any, params: Mapping[str, Any]) -> CursorResult[Any]:
+    """Execute the first statement of ``session``'s transaction, a read, with Core on the
+    session's connection; when the pooled connection turns out dead (a disconnect, which
+    SQLAlchemy answers by invalidating the pool's older connections), run it once more on a
+    fresh one. Nothing was written yet, so the retry cannot write twice."""
+    try:
+        return session.connection().execute(statement, params)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        session.rollback()
+        return session.connection().execute(statement, params)
 
 
 def rows_affected(session: Session, statement: Any) -> int:

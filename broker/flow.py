@@ -22,10 +22,11 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 from authlib.common.urls import add_params_to_uri
+from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749.errors import InvalidRequestError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -259,9 +260,10 @@ class AuthorizationFlow:
             )
         return AskUser(pending.id)
 
-    def _no_interaction(self, pending: PendingLogin, error: str) -> str:
-        pending.completed_at = utcnow()
-        return error_redirect(self.settings, pending.redirect_uri, error, None, pending.state)
+    def _no_interaction(self, pending: PendingLogin, error: str) -> NoReturn:
+        # Raised as the authorization error it is: the request's transaction is rolled back and
+        # its pending login not stored (a refused request changes nothing; issue 11).
+        raise OAuth2Error(error=error, redirect_uri=pending.redirect_uri, state=pending.state)
 
     def sign_in(self, session: Session, pending: PendingLogin, provider: str) -> SignIn:
         """The request is approved: sign in with ``provider`` (its upstream state starts now)."""
@@ -723,7 +725,10 @@ class AuthorizationFlow:
                 "This sign-in response does not match any request in progress.",
             )
         _check_browser(pending, browser_hash)
+        sealed = pending.upstream_secrets_sealed
         now = utcnow()
+        # Consumed and its upstream secrets dropped in one statement (the ORM's update of the
+        # loaded row would be a second one).
         won = rows_affected(
             session,
             update(PendingLogin)
@@ -732,7 +737,7 @@ class AuthorizationFlow:
                 PendingLogin.completed_at.is_(None),
                 PendingLogin.expires_at > now,
             )
-            .values(completed_at=now),
+            .values(completed_at=now, upstream_secrets_sealed=None),
         )
         if not won:
             raise FlowError(
@@ -741,11 +746,9 @@ class AuthorizationFlow:
                 "This sign-in response was already used or has expired. Start again "
                 "from your application.",
             )
-        assert pending.upstream_secrets_sealed is not None
+        assert sealed is not None
         try:
-            opened = self.sealer.open_text(
-                pending.upstream_secrets_sealed, f"pending_logins:{pending.id}:upstream"
-            )
+            opened = self.sealer.open_text(sealed, f"pending_logins:{pending.id}:upstream")
         except SealError:
             # Sealed under a root secret this host no longer has (secret_key changed without
             # previous_secret_keys), or tampered with: this sign-in cannot finish; a new one can.
@@ -756,7 +759,6 @@ class AuthorizationFlow:
                 "This sign-in was started before the server's keys changed. Start again "
                 "from your application.",
             ) from None
-        pending.upstream_secrets_sealed = None
         return pending, json.loads(opened)
 
     def upstream_failed(

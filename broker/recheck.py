@@ -14,11 +14,15 @@ provider's ``recheck_interval`` ago asks the provider again, through its
   check is tried again a minute later, and the log says why. An outage never ends access by
   itself; a user is only cut off on the upstream's word.
 
-It runs before the token request's transaction and outside any: the upstream call never holds a
-database lock (on SQLite every token request would wait behind it). Of several workers seeing the
-same identity due, one conditional UPDATE picks the one that asks the upstream; the others go on
-with the stored identity. The upstream access token comes from the token-exchange service, so a
-refresh it needs happens under the same cross-worker lock as every other upstream refresh.
+Whether a check is due costs no statement of its own: the refresh grant reads the identity's
+check times with the grant (``broker.oauth2.rfc6749``) and asks :meth:`UpstreamRecheck.due`. When
+one is due, the token request's transaction is rolled back and :meth:`UpstreamRecheck.run` asks
+the upstream outside any transaction (the upstream call never holds a database lock: on SQLite
+every token request would wait behind it); the refresh is then decided again on what it said. Of
+several workers seeing the same identity due, one conditional UPDATE picks the one that asks the
+upstream; the others go on with the stored identity. The upstream access token comes from the
+token-exchange service, so a refresh it needs happens under the same cross-worker lock as every
+other upstream refresh.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ from providers.errors import AccessDenied, LoginFailed, UpstreamUnavailable
 
 from . import audit
 from .config import Settings
-from .crypto import token_hash
 from .db import Database, rows_affected, utcnow
 from .models import BrowserSession, Grant, Identity, RefreshToken
+from .oauth2.rfc6749 import GrantRow
 from .plugins import ProviderRegistry
 from .upstream import SignInRequired, UpstreamTokenService, UpstreamTokenUnavailable
 
@@ -89,45 +93,31 @@ class UpstreamRecheck:
     def enabled(self) -> bool:
         return bool(self.intervals)
 
-    def before_refresh(
-        self, refresh_token: str, *, client_id: str | None, address: str | None
-    ) -> None:
-        """Re-check the identity behind ``refresh_token`` if it is due. Never raises for an
-        unknown or bad token: the refresh grant answers those."""
-        if not self.intervals or not refresh_token or len(refresh_token) > 512:
-            return
-        due = self._due(token_hash(refresh_token))
-        if due is None or not self._claim(due):
-            return
-        self._check(due, client_id=client_id, address=address)
-
-    # -- which identity, and whether this worker asks ---------------------------------------------
-
-    def _due(self, digest: str) -> _Due | None:
-        now = utcnow()
-        with self.db.read() as session:
-            row = session.execute(
-                select(
-                    Identity.id,
-                    Identity.user_id,
-                    Identity.provider,
-                    Identity.snapshot,
-                    Identity.last_login_at,
-                    Identity.last_recheck_at,
-                )
-                .join(Grant, Grant.identity_id == Identity.id)
-                .join(RefreshToken, RefreshToken.grant_id == Grant.id)
-                .where(RefreshToken.token_hash == digest, Grant.revoked_at.is_(None))
-            ).first()
-        if row is None:
+    def due(self, grant: GrantRow) -> _Due | None:
+        """What to re-check before refreshing ``grant``: its identity, when its provider
+        re-checks and the interval since the last sign-in or check has passed; else ``None``."""
+        identity = grant.identity
+        if identity is None:
             return None
-        interval = self.intervals.get(row.provider)
+        interval = self.intervals.get(identity.provider)
         if interval is None:
             return None
-        checked_at = max(t for t in (row.last_login_at, row.last_recheck_at) if t is not None)
-        if now - checked_at < interval:
+        checked_at = max(
+            t for t in (identity.last_login_at, identity.last_recheck_at) if t is not None
+        )
+        if utcnow() - checked_at < interval:
             return None
-        return _Due(row.id, row.user_id, row.provider, dict(row.snapshot), checked_at)
+        return _Due(
+            identity.id, grant.user_id, identity.provider, dict(identity.snapshot), checked_at
+        )
+
+    def run(self, due: object, *, client_id: str | None, address: str | None) -> None:
+        """Ask the upstream about ``due`` (from :meth:`due`), unless another worker does."""
+        assert isinstance(due, _Due)
+        if self._claim(due):
+            self._check(due, client_id=client_id, address=address)
+
+    # -- whether this worker asks -----------------------------------------------------------------
 
     def _claim(self, due: _Due) -> bool:
         """One worker asks: the conditional UPDATE succeeds for whoever moves the check time

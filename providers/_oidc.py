@@ -24,7 +24,7 @@ import hmac
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Self
 
 import httpx
@@ -140,6 +140,8 @@ class _JWKSCache:
     uri: str
     keys: list[Mapping[str, Any]]
     fetched_at: float
+    # Key objects of ``keys`` by (id of the JWK, algorithm): parsed once per fetched set.
+    parsed: dict[tuple[int, str], Any] = field(default_factory=dict)
 
 
 class OpenIDConnectProvider(OAuth2Provider):
@@ -461,7 +463,7 @@ class OpenIDConnectProvider(OAuth2Provider):
         (3-5); ``exp`` MUST be in the future and ``iat`` not (9-10, with ``CLOCK_SKEW``);
         ``nonce`` MUST equal the one sent (11). ``at_hash``, when present, MUST match the access
         token (3.2.2.9, used here for the code flow too)."""
-        claims = self._decode_signed_jwt(
+        claims, alg = self._decode_signed_jwt(
             http,
             metadata,
             token,
@@ -484,7 +486,6 @@ class OpenIDConnectProvider(OAuth2Provider):
                 raise LoginFailed("nonce_mismatch")
         at_hash = claims.get("at_hash")
         if access_token is not None and at_hash is not None:
-            alg = jwt.get_unverified_header(token)["alg"]
             hasher = _HASH_FOR_ALG.get(alg)
             if hasher is not None:
                 digest = hasher(access_token.encode("ascii")).digest()
@@ -501,7 +502,8 @@ class OpenIDConnectProvider(OAuth2Provider):
         *,
         what: str,
         require: list[str],
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str]:
+        """The verified claims of a JWS from the provider, and its algorithm."""
         reason = f"{what}_invalid"
         try:
             header = jwt.get_unverified_header(token)
@@ -525,7 +527,7 @@ class OpenIDConnectProvider(OAuth2Provider):
             raise LoginFailed(reason, detail="expired") from None
         except jwt.InvalidTokenError as exc:
             raise LoginFailed(reason, detail=type(exc).__name__) from None
-        return claims
+        return claims, alg
 
     def _verification_key(
         self,
@@ -551,11 +553,23 @@ class OpenIDConnectProvider(OAuth2Provider):
                 raise LoginFailed(reason, detail="several keys match and no distinct kid")
             if candidates:
                 try:
-                    return jwt.PyJWK(dict(candidates[0]), algorithm=alg).key
+                    return self._key_object(candidates[0], alg)
                 except (jwt.PyJWKError, jwt.InvalidKeyError):
                     raise LoginFailed(reason, detail="unusable signing key") from None
             keys = self._refetch_jwk_set(http, metadata)
         raise LoginFailed(reason, detail="no matching signing key")
+
+    def _key_object(self, jwk: Mapping[str, Any], alg: str) -> Any:
+        """The key object of ``jwk`` for ``alg``, parsed once per fetched JWK Set (parsing an
+        RSA key costs more than verifying a signature with it)."""
+        cache = self._jwks
+        slot = (id(jwk), alg)
+        if cache is not None and slot in cache.parsed:
+            return cache.parsed[slot]
+        key = jwt.PyJWK(dict(jwk), algorithm=alg).key
+        if cache is not None and any(known is jwk for known in cache.keys):
+            cache.parsed[slot] = key  # the set holds the JWK: its id is not reused meanwhile
+        return key
 
     def _jwk_set(self, http: httpx.Client, metadata: ProviderMetadata) -> list[Mapping[str, Any]]:
         with self._jwks_lock:
@@ -607,7 +621,7 @@ class OpenIDConnectProvider(OAuth2Provider):
         )
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/jwt":
-            claims = self._decode_signed_jwt(
+            claims, _ = self._decode_signed_jwt(
                 http, metadata, response.text.strip(), what="userinfo", require=["sub"]
             )
         else:

@@ -10,21 +10,34 @@ parsers, and so browsers, read ``\\`` as ``/`` and the host as ``evil.example``,
 parsers read user info), or with a character outside printable ASCII (browsers drop tabs and
 newlines before parsing) never matches, the loopback rule included: the broker and the browser
 could disagree about where it leads (RFC 9700 section 4.1.3).
+
+Client authentication (RFC 6749 section 2.3): HTTP Basic credentials are decoded in one place,
+:func:`basic_credentials`, strictly; malformed ones are ``invalid_client`` with 401 (section 5.2),
+never a server error. Section 2.3 allows one authentication method per request: a request with
+Basic credentials is authenticated by them alone (:func:`client_auth_methods`), never as the
+public client its body may also name.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from authlib.oauth2.rfc6749 import ClientMixin
+from authlib.oauth2.rfc6749.errors import InvalidClientError
 
 from ..crypto import verify_password
 from ..models import Client
+
+log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "[::1]", "localhost")
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
@@ -146,3 +159,72 @@ class OAuthClient(ClientMixin):  # type: ignore[misc]
 
     def metadata_json(self) -> dict[str, Any]:
         return dict(self.row.client_metadata or {})
+
+
+# -- client authentication (RFC 6749 section 2.3) --------------------------------------------
+
+
+def basic_credentials(headers: Any) -> tuple[str, str] | None:
+    """The client id and secret of an ``Authorization: Basic`` header (RFC 6749 section 2.3.1:
+    each form-urlencoded, then RFC 7617 section 2: base64 of ``id:secret``), or ``None`` when the
+    request has no Basic credentials. Raises ``invalid_client`` (401) when they are malformed:
+    not base64, not UTF-8, no colon, bad percent-encoding, or an empty id or secret. The only
+    place that decodes client credentials from a header."""
+    header = headers.get("Authorization") if headers is not None else None
+    if not header:
+        return None
+    scheme, *rest = header.split(None, 1)
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode("".join(rest).strip(), validate=True).decode("utf-8")
+        client_id, colon, secret = decoded.partition(":")
+        client_id, secret = unquote(client_id, errors="strict"), unquote(secret, errors="strict")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        colon = ""
+    if not colon or not client_id or not secret:
+        log.info("client authentication refused: malformed HTTP Basic credentials")
+        raise InvalidClientError(
+            status_code=401, description="The HTTP Basic client credentials are malformed."
+        )
+    return client_id, secret
+
+
+def client_auth_methods(request: Any, methods: list[str]) -> list[str]:
+    """The methods to try for ``request`` (section 2.3: one method per request). With Basic
+    credentials only ``client_secret_basic``: a client id in the body beside them does not make
+    the request a public client's, and a failure is 401 (section 5.2). Malformed credentials
+    raise ``invalid_client`` here, whatever else the request carries, and so does a
+    ``client_id`` parameter naming another client than the credentials (which one asks?)."""
+    credentials = basic_credentials(request.headers)
+    if credentials is None:
+        return list(methods)
+    if "client_secret_basic" not in methods:
+        raise InvalidClientError(
+            status_code=401, description="This endpoint does not accept HTTP Basic credentials."
+        )
+    payload = getattr(request, "payload", None)
+    named = payload.client_id if payload is not None else None
+    if named is not None and named != credentials[0]:
+        raise InvalidClientError(
+            status_code=401,
+            description="The client_id parameter names another client than the credentials.",
+        )
+    return ["client_secret_basic"]
+
+
+def authenticate_client_secret_basic(
+    query_client: Callable[[str], OAuthClient | None], request: Any
+) -> OAuthClient | None:
+    """Authlib's ``client_secret_basic`` method, reading the header with
+    :func:`basic_credentials` (Authlib's own reader lets bytes that are not UTF-8 through)."""
+    credentials = basic_credentials(request.headers)
+    if credentials is None:
+        return None
+    client_id, secret = credentials
+    client = query_client(client_id)
+    if client is None:
+        raise InvalidClientError(
+            status_code=401, description="The client does not exist on this server."
+        )
+    return client if client.check_client_secret(secret) else None

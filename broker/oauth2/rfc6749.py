@@ -5,66 +5,113 @@ revokes what it produced. OAuth 2.1 section 4.3.1: refresh tokens of public clie
 every use. Reuse of a rotated token after the grace window revokes the whole grant (RFC 9700
 section 4.14.2); within the window the same successor is handed out again, because real clients
 refresh twice in parallel.
+
+Storage is the token endpoint's hot path, so it is SQLAlchemy Core with statements built once.
+Each grant first reads everything it decides on in one statement: the presented code or refresh
+token joined with its grant, the grant's user and identity, and the client (so authenticating the
+client costs no statement of its own, see ``BrokerAuthorizationServer.keep_client``). It then
+writes in the request's one transaction: a conditional ``UPDATE ... WHERE used_at IS NULL`` whose
+row count decides, across workers and hosts sharing the database, which request uses the code or
+token (a refresh that loses reads the winner's successor for the grace window), the new refresh
+token, and the audit event. A rotation is four statements (read; claim, which also links the
+successor and drops the parent's kept successor; insert the successor; audit), and so is a
+redemption (read; claim; insert the refresh token; audit).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+from typing import Any, cast
 
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Row, Table, and_, bindparam, case, insert, or_, select, update
 
 from providers.contract import Identity as UpstreamIdentity
 
-from .. import policy
+from .. import audit, policy
 from ..crypto import token_hash
-from ..db import rows_affected, utcnow
-from ..models import AuthorizationCode, Grant, Identity, RefreshToken, User
+from ..db import UTCDateTime, first_read, utcnow
+from ..models import AuthorizationCode, Client, Grant, Identity, RefreshToken, User
 from .errors import InvalidTargetError
 from .rfc8707 import resolve_resource
 
 CLIENT_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post"]
+MAX_PRESENTED = 512
+"""Longest code or refresh token looked up (the broker's are 43 characters)."""
+
+
+@dataclass(frozen=True)
+class IdentityRow:
+    """The identity a grant was made for, as stored: what the rules and claims read."""
+
+    id: int
+    provider: str
+    snapshot: Mapping[str, Any]
+    last_login_at: dt.datetime
+    last_recheck_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class GrantRow:
+    """A grant as the token endpoint reads it, with its user's standing and its identity."""
+
+    id: str
+    user_id: str
+    client_id: str
+    resource: str
+    scope: str
+    auth_time: dt.datetime
+    revoked_at: dt.datetime | None
+    user_disabled_at: dt.datetime | None
+    identity: IdentityRow | None
+
+    @property
+    def live(self) -> bool:
+        """Neither revoked nor of a disabled user."""
+        return self.revoked_at is None and self.user_disabled_at is None
 
 
 @dataclass
 class GrantUser:
-    """The resource owner as Authlib passes it around: the grant a token belongs to."""
+    """The resource owner as Authlib passes it around: the grant a token belongs to (a model row
+    at the authorization endpoint, a :class:`GrantRow` at the token endpoint)."""
 
-    grant: Grant
+    grant: Grant | GrantRow
 
     def get_user_id(self) -> str:
         return self.grant.user_id
 
 
-@dataclass
+@dataclass(frozen=True)
 class CodeCredential:
-    row: AuthorizationCode
-
-    @property
-    def code_challenge(self) -> str:
-        return self.row.code_challenge
-
-    @property
-    def code_challenge_method(self) -> str:
-        return self.row.code_challenge_method
+    code_hash: str
+    redirect_uri: str
+    scope: str
+    resource: str
+    code_challenge: str
+    code_challenge_method: str
+    grant: GrantRow
 
     def get_redirect_uri(self) -> str:
-        return self.row.redirect_uri
+        return self.redirect_uri
 
     def get_scope(self) -> str:
-        return self.row.scope
+        return self.scope
 
 
 @dataclass
 class RefreshCredential:
-    row: RefreshToken
-    grant: Grant
-    grace_successor: str | None = (
-        None  # set when this is a parallel refresh inside the grace window
-    )
+    token_hash: str
+    parent_hash: str | None
+    scope: str
+    expires_at: dt.datetime
+    grant: GrantRow
+    # Set when this is a parallel refresh inside the grace window: the successor handed out again.
+    grace_successor: str | None = None
     # The scopes the user is entitled to now (the grant's, narrowed by the current rules).
     entitled: list[str] | None = None
 
@@ -72,17 +119,266 @@ class RefreshCredential:
         return bool(self.grant.client_id == client.get_client_id())
 
     def get_scope(self) -> str:
-        return self.row.scope
+        return self.scope
 
 
-def _live_grant(session: Any, grant_id: str) -> Grant | None:
-    """The grant, if neither it is revoked nor its user disabled (one query)."""
-    grant: Grant | None = session.scalars(
-        select(Grant)
-        .join(User, User.id == Grant.user_id)
-        .where(Grant.id == grant_id, Grant.revoked_at.is_(None), User.disabled_at.is_(None))
+class RecheckFirst(Exception):
+    """The grant's identity is due for its upstream re-check (``broker.recheck``): the token
+    request is rolled back, the upstream asked outside any transaction, and the request run
+    again on what it said. ``due`` is what the re-check needs."""
+
+    def __init__(self, due: object) -> None:
+        super().__init__("upstream re-check due")
+        self.due = due
+
+
+RecheckDue = Callable[[GrantRow], object | None]
+"""Whether a grant's identity is due for its upstream re-check: what to run, or ``None``."""
+
+
+# -- statements -------------------------------------------------------------------------------
+
+
+def _table(model: Any) -> Table:
+    table: Table = model.__table__
+    return table
+
+
+_tokens = _table(RefreshToken)
+_successors = _tokens.alias("successor")
+_codes = _table(AuthorizationCode)
+_grants = _table(Grant)
+_users = _table(User)
+_identities = _table(Identity)
+_clients = _table(Client)
+
+_GRANT_COLUMNS = (
+    _grants.c.id.label("grant_id"),
+    _grants.c.user_id,
+    _grants.c.client_id,
+    _grants.c.resource,
+    _grants.c.scope.label("grant_scope"),
+    _grants.c.auth_time,
+    _grants.c.revoked_at,
+    _users.c.disabled_at,
+    _identities.c.id.label("identity_id"),
+    _identities.c.provider,
+    _identities.c.snapshot,
+    _identities.c.last_login_at,
+    _identities.c.last_recheck_at,
+)
+# The client's columns the token endpoint reads (client authentication, grant types, recording
+# its use), labelled client_<attribute>; and what every other attribute of the copy holds: values
+# that allow nothing (no redirect URI, response type, resource, provider, scope or registration
+# token), should anything else ever read it.
+_TOKEN_CLIENT = (
+    "client_id",
+    "kind",
+    "token_endpoint_auth_method",
+    "secret_hash",
+    "grant_types",
+    "expires_at",
+    "last_used_at",
+)
+_CLIENT_COLUMNS = tuple(_clients.c[name].label(f"client_{name}") for name in _TOKEN_CLIENT)
+_CLIENT_CLOSED: dict[str, Any] = {
+    "name": "",
+    "redirect_uris": [],
+    "grant_types": [],
+    "response_types": [],
+    "application_type": None,
+    "scope": None,
+    "secret_expires_at": None,
+    "allowed_providers": [],
+    "allowed_resources": [],
+    "trusted": False,
+    "client_metadata": {},
+    "registration_token_hash": None,
+    "created_at": None,
+}
+
+
+def _with_grant(table: Any, client_id: Any) -> Any:
+    return (
+        table.join(_grants, _grants.c.id == table.c.grant_id)
+        .join(_users, _users.c.id == _grants.c.user_id)
+        .outerjoin(_identities, _identities.c.id == _grants.c.identity_id)
+        .outerjoin(_clients, _clients.c.client_id == client_id)
+    )
+
+
+# Whether the successor exists and is unused (a grace re-issue hands out only such a one).
+_SUCCESSOR_COLUMNS = (
+    and_(_successors.c.token_hash.is_not(None), _successors.c.used_at.is_(None)).label(
+        "successor_unused"
+    ),
+)
+_REFRESH_READ = (
+    select(
+        _tokens.c.token_hash,
+        _tokens.c.parent_hash,
+        _tokens.c.successor_hash,
+        _tokens.c.successor_sealed,
+        _tokens.c.scope,
+        _tokens.c.expires_at,
+        _tokens.c.idle_expires_at,
+        _tokens.c.used_at,
+        *_SUCCESSOR_COLUMNS,
+        *_GRANT_COLUMNS,
+        *_CLIENT_COLUMNS,
+    )
+    .select_from(
+        _with_grant(_tokens, _grants.c.client_id).outerjoin(
+            _successors, _successors.c.token_hash == _tokens.c.successor_hash
+        )
+    )
+    .where(_tokens.c.token_hash == bindparam("digest"))
+)
+# After a lost claim: the winner's successor, for the grace window.
+_REFRESH_REREAD = (
+    select(
+        _tokens.c.token_hash,
+        _tokens.c.successor_hash,
+        _tokens.c.successor_sealed,
+        _tokens.c.used_at,
+        *_SUCCESSOR_COLUMNS,
+    )
+    .select_from(
+        _tokens.outerjoin(_successors, _successors.c.token_hash == _tokens.c.successor_hash)
+    )
+    .where(_tokens.c.token_hash == bindparam("digest"))
+)
+# The rotation, one statement for two rows: the presented token (claimed only while unused, and
+# linked to its successor, kept sealed for the grace window) and its parent, whose kept successor
+# is the presented token, useless from now on. The presented token's hash among the returned
+# ones says this request won the claim; a request that loses touches only the parent, as the
+# winner did already.
+_PRESENTED = _tokens.c.token_hash == bindparam("digest")
+_ROTATE = (
+    update(_tokens)
+    .where(
+        or_(
+            and_(_PRESENTED, _tokens.c.used_at.is_(None)),
+            _tokens.c.token_hash == bindparam("parent"),
+        )
+    )
+    .values(
+        used_at=case((_PRESENTED, bindparam("now", type_=UTCDateTime())), else_=_tokens.c.used_at),
+        successor_hash=case((_PRESENTED, bindparam("successor")), else_=_tokens.c.successor_hash),
+        successor_sealed=case((_PRESENTED, bindparam("sealed")), else_=None),
+    )
+    .returning(_tokens.c.token_hash)
+)
+_REFRESH_INSERT = insert(_tokens)
+_GRANT_NARROW = (
+    update(_grants).where(_grants.c.id == bindparam("grant")).values(scope=bindparam("narrowed"))
+)
+_CODE_READ = (
+    select(
+        _codes.c.code_hash,
+        _codes.c.client_id.label("code_client_id"),
+        _codes.c.redirect_uri,
+        _codes.c.scope,
+        _codes.c.resource.label("code_resource"),
+        _codes.c.code_challenge,
+        _codes.c.code_challenge_method,
+        _codes.c.expires_at,
+        _codes.c.used_at,
+        *_GRANT_COLUMNS,
+        *_CLIENT_COLUMNS,
+    )
+    .select_from(_with_grant(_codes, _codes.c.client_id))
+    .where(_codes.c.code_hash == bindparam("digest"))
+)
+_CODE_CLAIM = (
+    update(_codes)
+    .where(
+        _codes.c.code_hash == bindparam("digest"),
+        _codes.c.used_at.is_(None),
+        _codes.c.expires_at > bindparam("now", type_=UTCDateTime()),
+    )
+    .values(used_at=bindparam("now", type_=UTCDateTime()))
+)
+
+
+def _grant(row: Row[Any]) -> GrantRow:
+    identity = None
+    if row.identity_id is not None:
+        identity = IdentityRow(
+            row.identity_id, row.provider, row.snapshot, row.last_login_at, row.last_recheck_at
+        )
+    return GrantRow(
+        id=row.grant_id,
+        user_id=row.user_id,
+        client_id=row.client_id,
+        resource=row.resource,
+        scope=row.grant_scope,
+        auth_time=row.auth_time,
+        revoked_at=row.revoked_at,
+        user_disabled_at=row.disabled_at,
+        identity=identity,
+    )
+
+
+def _client(row: Row[Any]) -> Client | None:
+    """The client of the row, if it exists: a read-only copy of the columns the token endpoint
+    reads (a model instance would cost an instrumented attribute set per column, and loading
+    every column a JSON parse per list)."""
+    values = row._mapping
+    if values["client_client_id"] is None:
+        return None
+    read = {name: values[f"client_{name}"] for name in _TOKEN_CLIENT}
+    return cast(Client, SimpleNamespace(**{**_CLIENT_CLOSED, **read}))
+
+
+def _read_presented(grant: Any, field: str, statement: Any, client_id: str) -> Row[Any] | None:
+    """The first statement of a token request: the code or refresh token in the form ``field``,
+    joined with its grant and the client named by the row's ``client_id`` column, which is kept
+    for client authentication."""
+    presented = grant.request.form.get(field)
+    if not presented or len(presented) > MAX_PRESENTED:
+        return None
+    server = grant.server
+    row: Row[Any] | None = first_read(
+        server.state().session, statement, {"digest": token_hash(presented)}
     ).first()
-    return grant
+    if row is not None:
+        server.keep_client(row._mapping[client_id], _client(row), live_grant=row.revoked_at is None)
+    return row
+
+
+def _insert_refresh_token(
+    connection: Connection,
+    settings: Any,
+    *,
+    digest: str,
+    grant: GrantRow,
+    parent_hash: str | None,
+    now: dt.datetime,
+    family_expires: dt.datetime | None,
+) -> None:
+    tokens = settings.tokens
+    expires = now + dt.timedelta(seconds=tokens.refresh_ttl)
+    if family_expires is not None:  # an absolute lifetime belongs to the family
+        expires = min(expires, family_expires)
+    connection.execute(
+        _REFRESH_INSERT,
+        {
+            "token_hash": digest,
+            "grant_id": grant.id,
+            "parent_hash": parent_hash,
+            "successor_hash": None,
+            "successor_sealed": None,
+            "scope": grant.scope,
+            "issued_at": now,
+            "expires_at": expires,
+            "idle_expires_at": min(expires, now + dt.timedelta(seconds=tokens.refresh_idle_ttl)),
+            "used_at": None,
+        },
+    )
+
+
+# -- the authorization code grant ----------------------------------------------------------------
 
 
 class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
@@ -136,46 +432,75 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
             )
         )
 
-    def query_authorization_code(self, code: str, client: Any) -> CodeCredential | None:
-        state = self.server.state()
-        session = state.session
-        digest = token_hash(code)
-        now = utcnow()
-        # The conditional update decides races between workers: exactly one redemption wins.
-        won = rows_affected(
-            session,
-            update(AuthorizationCode)
-            .where(
-                AuthorizationCode.code_hash == digest,
-                AuthorizationCode.client_id == client.get_client_id(),
-                AuthorizationCode.used_at.is_(None),
-                AuthorizationCode.expires_at > now,
-            )
-            .values(used_at=now),
-        )
-        row = session.get(AuthorizationCode, digest)
-        if not won:
-            if (
-                row is not None
-                and row.used_at is not None
-                and row.client_id == client.get_client_id()
-            ):
-                state.revoke_grant(row.grant_id, "code_replay")
-            return None
-        assert row is not None
-        return CodeCredential(row)
-
     def validate_token_request(self) -> None:
+        self.presented = _read_presented(self, "code", _CODE_READ, "code_client_id")
         super().validate_token_request()
         code: CodeCredential = self.request.authorization_code
-        _check_token_resource(self.request, code.row.resource)
+        _check_token_resource(self.request, code.resource)
+
+    def query_authorization_code(self, code: str, client: Any) -> CodeCredential | None:
+        """Single use (OAuth 2.1 section 4.1.3): the conditional update decides races between
+        workers, exactly one redemption wins; a code used before (or at the same moment)
+        revokes its grant (RFC 6749 section 4.1.2)."""
+        row: Row[Any] | None = self.presented
+        if row is None or row.code_client_id != client.get_client_id():
+            return None
+        state = self.server.state()
+        now = utcnow()
+        if row.used_at is None and row.expires_at <= now:
+            return None
+        won = row.used_at is None and bool(
+            state.connection().execute(_CODE_CLAIM, {"digest": row.code_hash, "now": now}).rowcount
+        )
+        if not won:
+            state.revoke_grant(row.grant_id, "code_replay")
+            return None
+        return CodeCredential(
+            code_hash=row.code_hash,
+            redirect_uri=row.redirect_uri,
+            scope=row.scope,
+            resource=row.code_resource,
+            code_challenge=row.code_challenge,
+            code_challenge_method=row.code_challenge_method,
+            grant=_grant(row),
+        )
 
     def delete_authorization_code(self, authorization_code: CodeCredential) -> None:
         """Nothing to do: the code was marked used atomically when it was redeemed."""
 
     def authenticate_user(self, authorization_code: CodeCredential) -> GrantUser | None:
-        grant = _live_grant(self.server.state().session, authorization_code.row.grant_id)
-        return GrantUser(grant) if grant is not None else None
+        grant = authorization_code.grant
+        return GrantUser(grant) if grant.live else None
+
+    def save_token(self, token: dict[str, Any]) -> None:
+        """The first refresh token of the grant's family, and the ``issue`` audit event."""
+        server = self.server
+        state = server.state()
+        server.record_client_use(self.request.client)
+        plaintext = token.get("refresh_token")
+        if not plaintext:
+            return
+        grant = self.request.authorization_code.grant
+        _insert_refresh_token(
+            state.connection(),
+            server.settings,
+            digest=token_hash(plaintext),
+            grant=grant,
+            parent_hash=None,
+            now=utcnow(),
+            family_expires=None,
+        )
+        audit.write(
+            state.session,
+            "issue",
+            "success",
+            user_id=grant.user_id,
+            client_id=grant.client_id,
+            resource=grant.resource,
+            address=state.address,
+            details={"grant": grant.id, "scope": token.get("scope", "")},
+            connection=state.connection(),
+        )
 
 
 def _check_token_resource(request: Any, resource: str) -> None:
@@ -188,51 +513,59 @@ def _check_token_resource(request: Any, resource: str) -> None:
         raise InvalidTargetError("The resource does not match the authorization grant.")
 
 
+# -- the refresh token grant ---------------------------------------------------------------------
+
+
 class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
     TOKEN_ENDPOINT_AUTH_METHODS = CLIENT_AUTH_METHODS
     INCLUDE_NEW_REFRESH_TOKEN = True
 
-    def authenticate_refresh_token(self, refresh_token: str) -> RefreshCredential | None:
-        state = self.server.state()
-        session = state.session
-        settings = self.server.settings
-        digest = token_hash(refresh_token)
-        now = utcnow()
-        row = session.get(RefreshToken, digest)
-        if row is None:
-            return None
-        grant = _live_grant(session, row.grant_id)
-        if grant is None or row.expires_at <= now:
-            return None
-        if row.used_at is None:
-            if row.idle_expires_at <= now:
-                return None
-            won = rows_affected(
-                session,
-                update(RefreshToken)
-                .where(RefreshToken.token_hash == digest, RefreshToken.used_at.is_(None))
-                .values(used_at=now),
-            )
-            if won:
-                return RefreshCredential(row, grant)
-            session.refresh(row)  # another worker rotated it a moment ago: fall through to grace
-        assert row.used_at is not None
-        grace = dt.timedelta(seconds=settings.tokens.refresh_reuse_grace)
-        if now - row.used_at <= grace and row.successor_sealed and row.successor_hash:
-            successor = session.get(RefreshToken, row.successor_hash)
-            if successor is not None and successor.used_at is None:
-                plaintext = self.server.sealer.open_text(
-                    row.successor_sealed, successor_aad(row.token_hash)
-                )
-                return RefreshCredential(row, grant, grace_successor=plaintext)
-        state.revoke_grant(row.grant_id, "refresh_token_reuse")
-        return None
-
     def validate_token_request(self) -> None:
+        self.presented = _read_presented(self, "refresh_token", _REFRESH_READ, "client_id")
         super().validate_token_request()
         credential: RefreshCredential = self.request.refresh_token
         _check_token_resource(self.request, credential.grant.resource)
+        recheck: RecheckDue | None = self.server.state().recheck
+        if recheck is not None and credential.grace_successor is None:
+            due = recheck(credential.grant)
+            if due is not None:
+                raise RecheckFirst(due)
         self.redecide(credential)
+
+    def authenticate_refresh_token(self, refresh_token: str) -> RefreshCredential | None:
+        row: Row[Any] | None = self.presented
+        if row is None:
+            return None
+        grant = _grant(row)
+        now = utcnow()
+        if not grant.live or row.expires_at <= now:
+            return None
+        credential = RefreshCredential(
+            row.token_hash, row.parent_hash, row.scope, row.expires_at, grant
+        )
+        if row.used_at is None:
+            return credential if row.idle_expires_at > now else None
+        credential.grace_successor = self._grace_successor(row, now)
+        if credential.grace_successor is not None:
+            return credential
+        self.server.state().revoke_grant(grant.id, "refresh_token_reuse")
+        return None
+
+    def _grace_successor(self, row: Row[Any], now: dt.datetime) -> str | None:
+        """Within the grace window after ``row`` was used, its successor (while unused) is
+        handed out again to a parallel refresh."""
+        grace = dt.timedelta(seconds=self.server.settings.tokens.refresh_reuse_grace)
+        if (
+            now - row.used_at <= grace
+            and row.successor_sealed
+            and row.successor_hash
+            and row.successor_unused
+        ):
+            plaintext: str = self.server.sealer.open_text(
+                row.successor_sealed, successor_aad(row.token_hash)
+            )
+            return plaintext
+        return None
 
     def redecide(self, credential: RefreshCredential) -> None:
         """Every refresh decides again (the user being disabled is checked with the grant):
@@ -244,14 +577,13 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         state = server.state()
         grant = credential.grant
         resource = server.settings.resource(grant.resource)
-        identity = state.session.get(Identity, grant.identity_id) if grant.identity_id else None
         reason = None
         if resource is None:
             reason = "resource_removed"
-        elif identity is None:
+        elif grant.identity is None:
             reason = "identity_removed"
         else:
-            upstream = UpstreamIdentity.from_snapshot(identity.snapshot)
+            upstream = UpstreamIdentity.from_snapshot(grant.identity.snapshot)
             decision = policy.decide(server.settings, resource, upstream)
             granted = grant.scope.split()
             entitled = [s for s in granted if s in decision.scopes]
@@ -261,8 +593,12 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
                 reason = "entitlement_lost"
             else:
                 credential.entitled = entitled
-                if entitled != granted:
-                    grant.scope = " ".join(entitled)  # never widened again without consent
+                if entitled != granted:  # never widened again without consent
+                    narrowed = " ".join(entitled)
+                    state.connection().execute(
+                        _GRANT_NARROW, {"grant": grant.id, "narrowed": narrowed}
+                    )
+                    credential.grant = replace(grant, scope=narrowed)
         if reason is not None:
             state.revoke_grant(grant.id, reason)
             raise InvalidGrantError("Access under this grant is no longer allowed.")
@@ -288,24 +624,80 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
             token["refresh_token"] = refresh_token.grace_successor
         return token
 
+    def save_token(self, token: dict[str, Any]) -> None:
+        """Rotation (OAuth 2.1 section 4.3.1): the presented token is claimed and linked to its
+        successor in one conditional update; the grandparent's kept successor (the presented
+        token) is dropped, since a replay of the grandparent can no longer get anything; the
+        successor is stored with the family's absolute expiry. A request that loses the claim
+        to a parallel one gets the winner's successor within the grace window; otherwise the
+        presented token was reused, and the grant is revoked."""
+        server = self.server
+        state = server.state()
+        session = state.session
+        credential: RefreshCredential = self.request.refresh_token
+        server.record_client_use(self.request.client)
+        if credential.grace_successor is not None:
+            return  # the successor handed out again already exists
+        plaintext: str = token["refresh_token"]
+        digest = token_hash(plaintext)
+        now = utcnow()
+        connection = state.connection()
+        rotated = connection.execute(
+            _ROTATE,
+            {
+                "digest": credential.token_hash,
+                "parent": credential.parent_hash,
+                "now": now,
+                "successor": digest,
+                "sealed": server.sealer.seal_text(plaintext, successor_aad(credential.token_hash)),
+            },
+        ).scalars()
+        grant = credential.grant
+        if credential.token_hash not in set(rotated):
+            again = connection.execute(_REFRESH_REREAD, {"digest": credential.token_hash}).first()
+            successor = self._grace_successor(again, now) if again is not None else None
+            if successor is None:
+                state.revoke_grant(grant.id, "refresh_token_reuse")
+                raise InvalidGrantError()
+            token["refresh_token"] = successor
+            return
+        _insert_refresh_token(
+            connection,
+            server.settings,
+            digest=digest,
+            grant=grant,
+            parent_hash=credential.token_hash,
+            now=now,
+            family_expires=credential.expires_at,
+        )
+        audit.write(
+            session,
+            "refresh",
+            "success",
+            user_id=grant.user_id,
+            client_id=grant.client_id,
+            resource=grant.resource,
+            address=state.address,
+            details={"grant": grant.id, "scope": token.get("scope", "")},
+            connection=state.connection(),
+        )
+
     def revoke_old_credential(self, refresh_token: RefreshCredential) -> None:
-        """Nothing to do: the old token was marked used atomically, and linked to its successor
-        when the successor was saved."""
+        """Nothing to do: the old token was claimed and linked to its successor atomically."""
 
 
 def successor_aad(parent_hash: str) -> str:
     return f"refresh_tokens:{parent_hash}:successor"
 
 
-def grant_refresh_tokens(session: Any, grant_id: str) -> list[RefreshToken]:
-    return list(session.scalars(select(RefreshToken).where(RefreshToken.grant_id == grant_id)))
-
-
 __all__ = [
     "AuthorizationCodeGrant",
     "CodeCredential",
+    "GrantRow",
     "GrantUser",
+    "IdentityRow",
     "InvalidGrantError",
+    "RecheckFirst",
     "RefreshCredential",
     "RefreshTokenGrant",
 ]

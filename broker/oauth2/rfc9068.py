@@ -3,11 +3,13 @@
 Section 2.1: the header ``typ`` is ``at+jwt``. Section 2.2: ``iss``, ``exp``, ``aud``, ``sub``,
 ``client_id``, ``iat`` and ``jti`` are REQUIRED; ``scope`` carries the granted scopes and
 ``auth_time`` when the user last authenticated. ``aud`` is the one resource (RFC 8707) the token
-was issued for. Signed with pyjwt using key objects loaded once (see ``broker.keys``).
+was issued for. Signed with pyjwt's algorithms using key objects loaded once (see
+``broker.keys``); the protected header of each key is serialised once, since it never changes.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Mapping
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+from jwt.utils import base64url_encode
 
 from providers.contract import Identity
 
@@ -59,6 +62,34 @@ class AccessTokenClaims:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Signer:
+    """What signing with one key needs, prepared once: the encoded protected header
+    (section 2.1: ``typ`` is ``at+jwt``; ``kid`` names the key in the JWKS) and pyjwt's
+    algorithm with its key."""
+
+    header: bytes
+    algorithm: Any
+    key: Any
+
+
+_signers: dict[str, _Signer] = {}
+
+
+def _signer(key: LoadedKey) -> _Signer:
+    signer = _signers.get(key.kid)
+    if signer is None:
+        header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
+        algorithm = jwt.get_algorithm_by_name(key.alg)
+        signer = _Signer(
+            base64url_encode(json.dumps(header, separators=(",", ":"), sort_keys=True).encode()),
+            algorithm,
+            algorithm.prepare_key(key.private_key),
+        )
+        _signers[key.kid] = signer  # a kid never names another key
+    return signer
+
+
 def issue_access_token(
     key: LoadedKey, claims: AccessTokenClaims, *, now: int | None = None
 ) -> tuple[str, dict[str, Any]]:
@@ -79,7 +110,9 @@ def issue_access_token(
         payload["auth_time"] = claims.auth_time
     for name, value in claims.extra.items():
         payload.setdefault(name, value)  # never over a registered claim
-    token = jwt.encode(
-        payload, key.private_key, algorithm=key.alg, headers={"typ": "at+jwt", "kid": key.kid}
-    )
-    return token, payload
+    # RFC 7515 section 7.1, the JWS Compact Serialization (as jwt.encode builds it).
+    signer = _signer(key)
+    body = base64url_encode(json.dumps(payload, separators=(",", ":")).encode())
+    signing_input = signer.header + b"." + body
+    signature = base64url_encode(signer.algorithm.sign(signing_input, signer.key))
+    return (signing_input + b"." + signature).decode("ascii"), payload

@@ -4,52 +4,50 @@ Requests arrive as Werkzeug request objects passed in explicitly (no Flask globa
 session of the current request travels in a context variable set by the caller with
 :meth:`BrokerAuthorizationServer.request_state`.
 
-Client authentication (RFC 6749 section 2.3.1): HTTP Basic credentials are checked strictly here,
-once, for every endpoint that authenticates clients (token, revocation, introspection); malformed
-ones are ``invalid_client`` with 401 (section 5.2), never a server error.
+Client authentication (RFC 6749 section 2.3.1): HTTP Basic credentials are decoded strictly in one
+place (:func:`.clients.basic_credentials`), for every endpoint that authenticates clients (token,
+revocation, introspection); malformed ones are ``invalid_client`` with 401 (section 5.2).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextvars
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlencode
+from urllib.parse import urlencode
 
 from authlib.oauth2.rfc6749 import AuthorizationServer, JsonRequest, OAuth2Request
-from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedResponseTypeError
+from authlib.oauth2.rfc6749.errors import UnsupportedResponseTypeError
 from authlib.oauth2.rfc6749.requests import JsonPayload, OAuth2Payload
 from flask import after_this_request
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.orm import Session
-from werkzeug.datastructures import MultiDict
+from werkzeug.datastructures import CombinedMultiDict, MultiDict
 from werkzeug.wrappers import Request, Response
 
 from providers.contract import Identity as UpstreamIdentity
 
 from .. import audit, metrics
 from ..config import Settings
-from ..crypto import Sealer, new_token, token_hash
-from ..db import Database, utcnow
+from ..crypto import Sealer, new_token
+from ..db import Database, UTCDateTime, utcnow
 from ..keys import KeyRing
 from ..models import Client, Grant, Identity, RefreshToken
 from ..ratelimit import RateLimiter, Verdict
 from .client_credentials import ClientCredentialsGrant, ClientSubject
-from .clients import OAuthClient
+from .clients import OAuthClient, authenticate_client_secret_basic, client_auth_methods
 from .errors import TooManyRequestsError
 from .rfc6749 import (
     AuthorizationCodeGrant,
+    GrantRow,
     GrantUser,
-    RefreshCredential,
+    RecheckDue,
     RefreshTokenGrant,
-    successor_aad,
 )
 from .rfc7636 import S256CodeChallenge
 from .rfc9068 import AccessTokenClaims, identity_claims, issue_access_token
@@ -61,17 +59,37 @@ log = logging.getLogger(__name__)
 @dataclass
 class RequestState:
     """Per-request storage context: the session, and security actions that must survive a
-    rolled-back request (revoking a grant after a replayed code or a reused refresh token)."""
+    rolled-back request (revoking a grant after a replayed code or a reused refresh token).
+    ``clients``: clients read along with the request's first statement (served by
+    :meth:`BrokerAuthorizationServer.query_client` without one of their own); ``recheck``: the
+    upstream re-check's test of a refresh grant (``broker.recheck``), ``None`` when off."""
 
     session: Session
     address: str | None = None
     revocations: list[tuple[str, str]] = field(default_factory=list)
+    clients: dict[str, OAuthClient | None] = field(default_factory=dict)
+    recheck: RecheckDue | None = None
+    _connection: Connection | None = None
 
     def revoke_grant(self, grant_id: str, reason: str) -> None:
         self.revocations.append((grant_id, reason))
 
+    def connection(self) -> Connection:
+        """The session's connection, for Core statements in its transaction (asked of the
+        session once: each ask costs as much as a small statement's own overhead)."""
+        if self._connection is None or self._connection.closed:
+            self._connection = self.session.connection()
+        return self._connection
+
 
 USE_RECORDED = dt.timedelta(hours=1)
+_CLIENTS: Table = Client.__table__  # type: ignore[assignment]
+_CLIENT_USED = (
+    update(_CLIENTS)
+    .where(_CLIENTS.c.client_id == bindparam("client"))
+    .values(last_used_at=bindparam("now", type_=UTCDateTime()))
+)
+_REGISTRATION_USED = _CLIENT_USED.values(expires_at=bindparam("expires", type_=UTCDateTime()))
 
 _state: contextvars.ContextVar[RequestState] = contextvars.ContextVar("broker_oauth_state")
 
@@ -79,6 +97,7 @@ _state: contextvars.ContextVar[RequestState] = contextvars.ContextVar("broker_oa
 class _WerkzeugPayload(OAuth2Payload):  # type: ignore[misc]
     def __init__(self, values: MultiDict[str, str]) -> None:
         self._values = values
+        self._datalist: dict[str, list[str]] | None = None
 
     @property
     def data(self) -> MultiDict[str, str]:
@@ -86,7 +105,9 @@ class _WerkzeugPayload(OAuth2Payload):  # type: ignore[misc]
 
     @property
     def datalist(self) -> dict[str, list[str]]:
-        return {k: self._values.getlist(k) for k in self._values}
+        if self._datalist is None:  # the request does not change: built once
+            self._datalist = {k: self._values.getlist(k) for k in self._values}
+        return self._datalist
 
 
 class WerkzeugOAuth2Request(OAuth2Request):  # type: ignore[misc]
@@ -103,10 +124,8 @@ class WerkzeugOAuth2Request(OAuth2Request):  # type: ignore[misc]
         super().__init__(method=method, uri=uri, headers=headers)
         self._args = args
         self._form = form
-        values: MultiDict[str, str] = MultiDict(args)
-        for key, value in form.items(multi=True):
-            values.add(key, value)
-        self.payload = _WerkzeugPayload(values)
+        # Query and body together, the query first, without copying either.
+        self.payload = _WerkzeugPayload(CombinedMultiDict([args, form]))
         self.resource = None
         self.validated_redirect_uri: str | None = None
 
@@ -126,31 +145,6 @@ class _JsonPayload(JsonPayload):  # type: ignore[misc]
     @property
     def data(self) -> dict[str, Any]:
         return self._data
-
-
-def basic_credentials(headers: Any) -> tuple[str, str] | None:
-    """The client id and secret of an ``Authorization: Basic`` header (RFC 6749 section 2.3.1:
-    each form-urlencoded, then RFC 7617 section 2: base64 of ``id:secret``), or ``None`` when the
-    request has no Basic credentials. Raises ``invalid_client`` (401) when they are malformed:
-    not base64, not UTF-8, no colon, or an empty id or secret."""
-    header = headers.get("Authorization") if headers is not None else None
-    if not header:
-        return None
-    scheme, _, encoded = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-        client_id, colon, secret = decoded.partition(":")
-        client_id, secret = unquote(client_id, errors="strict"), unquote(secret, errors="strict")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        colon = ""
-    if not colon or not client_id or not secret:
-        log.info("client authentication refused: malformed HTTP Basic credentials")
-        raise InvalidClientError(
-            status_code=401, description="The HTTP Basic client credentials are malformed."
-        )
-    return client_id, secret
 
 
 class UnsupportedResponseType(UnsupportedResponseTypeError):  # type: ignore[misc]
@@ -184,6 +178,7 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             pkce = [S256CodeChallenge()] if grant is AuthorizationCodeGrant else None
             self.register_grant(grant, pkce)
         self.register_extension(IssuerParameter(settings.issuer))
+        self.register_client_auth_method("client_secret_basic", authenticate_client_secret_basic)
 
     def get_authorization_grant(self, request: Any) -> Any:
         """RFC 6749 section 4.1.2.1: ``unsupported_response_type``, redirected only to a
@@ -244,11 +239,12 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         return [grant.GRANT_TYPE for grant, _ in self._token_grants]
 
     def authenticate_client(self, request: Any, methods: list[str], endpoint: str = "token") -> Any:
-        """RFC 6749 section 2.3: Authlib's methods, after a strict check of HTTP Basic
-        credentials. A malformed Basic header is ``invalid_client`` whatever else the request
-        carries (section 2.3: one authentication method per request)."""
-        basic_credentials(request.headers)
-        client = super().authenticate_client(request, methods, endpoint)
+        """RFC 6749 section 2.3: Authlib's methods, only ``client_secret_basic`` when the request
+        has Basic credentials (one method per request); malformed ones are ``invalid_client``
+        whatever else the request carries (:func:`.clients.client_auth_methods`)."""
+        client = super().authenticate_client(
+            request, client_auth_methods(request, methods), endpoint
+        )
         self.count_client(endpoint, client)
         return client
 
@@ -294,9 +290,10 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             return request
         assert isinstance(request, Request)
         form = request.form if request.method == "POST" else MultiDict()
-        return WerkzeugOAuth2Request(
-            request.method, request.url, request.headers, request.args, form
-        )
+        # The issuer's URL, never one built from the Host header: Authlib refuses a plain-http
+        # URL on a non-loopback host, so a forged Host was a 500 (issue 11).
+        uri = self.settings.issuer + request.path
+        return WerkzeugOAuth2Request(request.method, uri, request.headers, request.args, form)
 
     def stored_authorization_request(self, params: dict[str, list[str]]) -> WerkzeugOAuth2Request:
         """Rebuild the authorization request a pending login holds (any worker can finish it)."""
@@ -324,30 +321,76 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
     def query_client(self, client_id: str) -> OAuthClient | None:
         if not client_id or len(client_id) > 2048 or not client_id.isprintable():
             return None
-        row = self.state().session.get(Client, client_id)
+        state = self.state()
+        if client_id in state.clients:
+            return state.clients[client_id]
+        row = state.session.get(Client, client_id)
         if row is None:
             return None
+        return self._usable(row, lambda: self._has_live_grant(row.client_id))
+
+    def keep_client(self, client_id: str, row: Client | None, *, live_grant: bool) -> None:
+        """Serve ``client_id`` from ``row`` (``None``: there is no such client) for the rest of
+        the request: the token grants read it along with the code or refresh token, which
+        belongs to a grant of it (``live_grant``: one that is not revoked)."""
+        state = self.state()
+        if row is None:
+            state.clients[client_id] = None
+        elif live_grant or not self._expired(row):
+            state.clients[client_id] = self._usable(row, lambda: live_grant)
+
+    def _usable(self, row: Client, has_live_grant: Callable[[], bool]) -> OAuthClient | None:
+        """The client, unless switched off or an expired registration."""
         if row.kind == "cimd":
             # A metadata document client's expires_at says when /authorize fetches the document
             # again (oauth2/cimd.py), not that the client is gone: grants keep working here.
             if not self.settings.client_metadata_documents.enabled:
                 return None
             return OAuthClient(row)
-        if row.expires_at is not None and row.expires_at <= utcnow():
+        if self._expired(row) and not has_live_grant():
             # Only an unused registration expires: a client whose user granted it access keeps
             # working as long as that grant lives (its refresh tokens may outlive the TTL).
-            live = (
-                self.state()
-                .session.scalars(
-                    select(Grant.id)
-                    .where(Grant.client_id == row.client_id, Grant.revoked_at.is_(None))
-                    .limit(1)
-                )
-                .first()
-            )
-            if live is None:
-                return None
+            return None
         return OAuthClient(row)
+
+    @staticmethod
+    def _expired(row: Client) -> bool:
+        return row.kind != "cimd" and row.expires_at is not None and row.expires_at <= utcnow()
+
+    def _has_live_grant(self, client_id: str) -> bool:
+        live = (
+            self.state()
+            .session.scalars(
+                select(Grant.id)
+                .where(Grant.client_id == client_id, Grant.revoked_at.is_(None))
+                .limit(1)
+            )
+            .first()
+        )
+        return live is not None
+
+    def record_client_use(self, client: OAuthClient) -> None:
+        """Record that ``client`` obtained a token, at most hourly: a client shared by many users
+        (a metadata document) would otherwise be one hot row that every token request of every
+        user updates. A registration is extended before half of its lifetime is gone, so a used
+        one never expires."""
+        row = client.row
+        now = utcnow()
+        ttl = dt.timedelta(seconds=self.settings.registration_ttl)
+        registration = row.kind == "dcr"  # an unused registration expires; a used one lives on
+        if not (
+            row.last_used_at is None
+            or now - row.last_used_at > USE_RECORDED
+            or (registration and row.expires_at is not None and row.expires_at - now < ttl / 2)
+        ):
+            return
+        connection = self.state().connection()
+        if registration:
+            connection.execute(
+                _REGISTRATION_USED, {"client": row.client_id, "now": now, "expires": now + ttl}
+            )
+        else:
+            connection.execute(_CLIENT_USED, {"client": row.client_id, "now": now})
 
     def generate_token(
         self,
@@ -399,97 +442,38 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             token["refresh_token"] = new_token(32)
         return token
 
-    def _identity_claims(self, grant: Grant) -> dict[str, Any]:
+    def _identity_claims(self, grant: Grant | GrantRow) -> dict[str, Any]:
         """The identity claims the grant's resource may see (``resources[].claims``), from the
         stored identity: what the last sign-in or re-check saw. Nothing when none are listed."""
         resource = self.settings.resource(grant.resource)
-        if resource is None or not resource.claims or grant.identity_id is None:
+        if resource is None or not resource.claims:
             return {}
-        row = self.state().session.get(Identity, grant.identity_id)
-        if row is None:
+        if isinstance(grant, GrantRow):  # read with the grant
+            snapshot = grant.identity.snapshot if grant.identity is not None else None
+        else:
+            row = (
+                self.state().session.get(Identity, grant.identity_id) if grant.identity_id else None
+            )
+            snapshot = row.snapshot if row is not None else None
+        if snapshot is None:
             return {}
-        return identity_claims(UpstreamIdentity.from_snapshot(row.snapshot), resource.claims)
+        return identity_claims(UpstreamIdentity.from_snapshot(snapshot), resource.claims)
 
     def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
+        """Authlib's storage hook, for the grants that do not store their own (the code and
+        refresh grants do, in ``rfc6749``): the client credentials grant, audited."""
         state = self.state()
-        session = state.session
-        now = utcnow()
-        client = request.client
-        row = session.get(Client, client.get_client_id())
-        # Record use at most hourly: a client shared by many users (a metadata document) would
-        # otherwise be one hot row that every token request of every user updates. A registration
-        # is extended before half of its lifetime is gone, so a used one never expires.
-        ttl = dt.timedelta(seconds=self.settings.registration_ttl)
-        if row is not None and (
-            row.last_used_at is None
-            or now - row.last_used_at > USE_RECORDED
-            or (row.kind == "dcr" and row.expires_at is not None and row.expires_at - now < ttl / 2)
-        ):
-            row.last_used_at = now
-            if row.kind == "dcr":  # an unused registration expires; a used one lives on
-                row.expires_at = now + ttl
-        if isinstance(request.user, ClientSubject):
-            audit.record(
-                session,
-                "issue",
-                "success",
-                client_id=request.user.client_id,
-                resource=request.user.resource,
-                address=state.address,
-                details={"grant_type": "client_credentials", "scope": token.get("scope", "")},
-            )
-            return
-        plaintext = token.get("refresh_token")
-        credential: RefreshCredential | None = getattr(request, "refresh_token", None)
-        if credential is not None and credential.grace_successor is not None:
-            return  # the successor handed out again already exists
-        if not plaintext:
-            return
-        grant: Grant = request.user.grant
-        tokens = self.settings.tokens
-        digest = token_hash(plaintext)
-        expires = now + dt.timedelta(seconds=tokens.refresh_ttl)
-        parent_hash = None
-        if credential is not None:
-            # The successor the grandparent kept for its grace window is dead once its child
-            # (this credential) is used: a replay of the grandparent can no longer get anything.
-            if credential.row.parent_hash:
-                session.execute(
-                    update(RefreshToken)
-                    .where(RefreshToken.token_hash == credential.row.parent_hash)
-                    .values(successor_sealed=None)
-                )
-            parent_hash = credential.row.token_hash
-            # An absolute lifetime belongs to the family, not to each rotation.
-            expires = min(expires, credential.row.expires_at)
-            session.execute(
-                update(RefreshToken)
-                .where(RefreshToken.token_hash == parent_hash)
-                .values(
-                    successor_hash=digest,
-                    successor_sealed=self.sealer.seal_text(plaintext, successor_aad(parent_hash)),
-                )
-            )
-        session.add(
-            RefreshToken(
-                token_hash=digest,
-                grant_id=grant.id,
-                parent_hash=parent_hash,
-                scope=grant.scope,
-                issued_at=now,
-                expires_at=expires,
-                idle_expires_at=min(expires, now + dt.timedelta(seconds=tokens.refresh_idle_ttl)),
-            )
-        )
+        self.record_client_use(request.client)
+        if not isinstance(request.user, ClientSubject):
+            raise TypeError("only the client credentials grant saves tokens here")
         audit.record(
-            session,
-            "issue" if credential is None else "refresh",
+            state.session,
+            "issue",
             "success",
-            user_id=grant.user_id,
-            client_id=grant.client_id,
-            resource=grant.resource,
+            client_id=request.user.client_id,
+            resource=request.user.resource,
             address=state.address,
-            details={"grant": grant.id, "scope": token.get("scope", "")},
+            details={"grant_type": "client_credentials", "scope": token.get("scope", "")},
         )
 
 

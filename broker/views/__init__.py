@@ -20,10 +20,13 @@ from ..ratelimit import RateLimiter, address_subject
 from . import account, health, login, metrics, oauth, well_known
 from ._web import (
     RATE_LIMITER,
+    BrokerRequest,
+    UnreadableBody,
     body_too_large,
     error_page,
     json_error,
     limiter,
+    read_body,
     too_many_requests,
 )
 
@@ -69,6 +72,7 @@ def _is_api() -> bool:
 
 
 def init_app(app: Flask) -> None:
+    app.request_class = BrokerRequest
     for module in (well_known, oauth, login, account, health):
         app.register_blueprint(module.bp)
     metrics.init_app(app)  # /metrics, and each request's latency and OAuth error
@@ -110,7 +114,7 @@ def init_app(app: Flask) -> None:
             raise body_too_large(limit)
         if length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             request.max_content_length = limit + 1
-            if len(request.get_data(cache=True)) > limit:
+            if len(read_body()) > limit:
                 raise body_too_large(limit)
             request.max_content_length = limit
 
@@ -144,7 +148,7 @@ def init_app(app: Flask) -> None:
             response = error_page(status, exc.name, description)
         if status == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
-        if status == 413:
+        if status == 413 or isinstance(exc, UnreadableBody):
             # The rest of the body was never read: on a kept-alive connection the server would
             # parse it as the next request. (gunicorn drops this header and drains or closes by
             # itself; the development server and other WSGI servers close on it.)

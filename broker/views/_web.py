@@ -5,20 +5,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import parse_qsl
 
-from flask import current_app, render_template, request
+from flask import Request, current_app, render_template, request
 from itsdangerous import BadSignature, Signer
 from sqlalchemy.orm import Session
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from werkzeug.utils import cached_property
 from werkzeug.wrappers import Response
 
 from .. import Broker, get_broker
-from ..crypto import derive_key, token_hash
+from ..crypto import constant_time_equals, derive_key, token_hash
 from ..oauth2.server import RequestState
 from ..ratelimit import TOO_MANY_REQUESTS, RateLimiter, Verdict
+
+log = logging.getLogger(__name__)
 
 BROWSER_COOKIE = "broker_browser"
 SESSION_COOKIE = "broker_session"
@@ -27,6 +34,23 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 def broker() -> Broker:
     return get_broker(current_app)
+
+
+_RAW_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+class BrokerRequest(Request):
+    """Flask's request, with raw non-ASCII bytes in the query string read as a browser sends
+    them, percent-encoded (RFC 3986 section 2.1). Werkzeug decodes the raw query string as strict
+    UTF-8, so bytes that are not UTF-8 (``/authorize?state=\\xff``) were a 500 on every endpoint;
+    now they end as Werkzeug leaves percent-encoded bytes that are not UTF-8: still encoded."""
+
+    @cached_property
+    def args(self) -> MultiDict[str, str]:
+        raw = _RAW_NON_ASCII.sub(lambda m: b"%%%02X" % m.group()[0], self.query_string)
+        return self.parameter_storage_class(
+            parse_qsl(raw.decode("ascii"), keep_blank_values=True, errors="werkzeug.url_quote")
+        )
 
 
 RATE_LIMITER = "broker.ratelimit"
@@ -85,7 +109,9 @@ def csrf_token(purpose: str, login_id: str) -> str:
 def csrf_ok(purpose: str, login_id: str, presented: str | None) -> bool:
     if not presented or not read_cookie(BROWSER_COOKIE):
         return False
-    return hmac.compare_digest(csrf_token(purpose, login_id), presented)
+    # As bytes: hmac.compare_digest refuses str with non-ASCII characters (a TypeError, which
+    # made a form with csrf=%C2%80 a 500).
+    return constant_time_equals(csrf_token(purpose, login_id), presented)
 
 
 def client_address() -> str | None:
@@ -133,6 +159,26 @@ def too_many_requests(verdict: Verdict, *, api: bool = True) -> Response:
     )
     response.headers.update(verdict.headers)
     return response
+
+
+class UnreadableBody(BadRequest):
+    """400 for a body the WSGI server could not read: broken chunked framing (gunicorn raises
+    ``InvalidChunkSize``, ``ChunkMissingTerminator``...), a connection cut mid-body. Answered
+    with ``Connection: close``: where the next request starts on that connection is unknown."""
+
+    description = "The request body could not be read."
+
+
+def read_body() -> bytes:
+    """The request body, read whole and kept for the view; :class:`UnreadableBody` when the
+    server cannot read it (before this, its exception was a 500 with a traceback)."""
+    try:
+        return request.get_data(cache=True)
+    except HTTPException:
+        raise
+    except Exception as exc:  # the WSGI server's own exception types, whichever server it is
+        log.info("refused a request body that could not be read: %s", type(exc).__name__)
+        raise UnreadableBody() from None
 
 
 def body_too_large(limit: int | None = None) -> RequestEntityTooLarge:

@@ -15,6 +15,7 @@ from providers.errors import LoginFailed, ProviderError, UpstreamUnavailable
 from ..crypto import new_token, token_hash
 from ..flow import AskUser, Denied, FlowError, SignIn, Step, error_redirect
 from ..oauth2.cimd import CIMDError, is_client_id_url
+from ..oauth2.rfc6749 import RecheckFirst
 from ._web import (
     BROWSER_COOKIE,
     SESSION_COOKIE,
@@ -158,14 +159,23 @@ def token() -> Response:
     if request.method == "OPTIONS":
         return Response(status=204)
     b = broker()
-    if b.recheck.enabled and request.form.get("grant_type") == "refresh_token":
-        # Before the grant's transaction, outside any: the upstream call holds no lock.
-        b.recheck.before_refresh(
-            request.form.get("refresh_token", ""),
-            client_id=request.form.get("client_id"),
-            address=request.remote_addr,
+    recheck = b.recheck.due if b.recheck.enabled else None
+
+    def respond() -> Response:
+        b.server.state().recheck = recheck
+        response: Response = b.server.create_token_response(_current())
+        return response
+
+    try:
+        response = _run(respond, ok=200)
+    except RecheckFirst as first:
+        # The refresh grant's identity is due upstream: asked outside any transaction (the
+        # upstream call holds no lock), then the refresh is decided on what it said.
+        b.recheck.run(
+            first.due, client_id=request.form.get("client_id"), address=request.remote_addr
         )
-    response = _run(lambda: b.server.create_token_response(_current()), ok=200)
+        recheck = None
+        response = _run(respond, ok=200)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Pragma"] = "no-cache"
     return response

@@ -1,0 +1,124 @@
+"""Parallel refreshes of one refresh token across database connections (as across workers and
+hosts sharing one PostgreSQL): every one of them reads the token unused, then they race for the
+conditional update that claims it. Exactly one rotates; the others wait for it to commit, lose,
+read its successor again and hand out that one (the grace window), and the family lives on.
+
+The race is made certain, not likely: another connection holds the token's row lock while the
+refreshes read it, and lets go once all of them wait for it."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import psycopg
+import pytest
+from flask import Flask
+from sqlalchemy import event, select
+
+from broker.models import Grant
+from tests.support import (
+    authorize_params,
+    free_port,
+    pkce,
+    query,
+    redeem,
+    serve_wsgi,
+    sign_in_local,
+)
+
+PARALLEL = 4
+
+
+def _connect(database_url: str, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    """A connection of our own to the test's database and schema (its search_path kept)."""
+    parts = urlsplit(database_url.replace("+psycopg", ""))
+    options = parse_qs(parts.query).get("options", [""])[0]
+    return psycopg.connect(
+        parts._replace(query="").geturl(), options=options, autocommit=autocommit
+    )
+
+
+def _waiting_behind(watcher: psycopg.Connection[Any], holder: int) -> int:
+    """How many backends wait, directly or in the queue behind another waiter, for ``holder``'s
+    locks (the first waiter for a row waits for its holder, the next ones for the first)."""
+    rows = watcher.execute(
+        "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    ).fetchall()
+    blocked_by = {pid: set(blockers) for pid, blockers in rows}
+    behind = {holder}
+    while True:
+        more = {pid for pid, blockers in blocked_by.items() if blockers & behind} - behind
+        if not more:
+            return len(behind) - 1
+        behind |= more
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_refreshes_that_all_read_the_token_unused_get_one_successor(
+    database_url: str, make_app: Callable[..., Flask]
+) -> None:
+    app = make_app()
+    client = app.test_client()
+    registered = client.post(
+        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+    ).json
+    verifier, challenge = pkce()
+    done = sign_in_local(client, authorize_params(registered["client_id"], challenge))
+    first = redeem(
+        client, registered["client_id"], query(done.headers["Location"])["code"], verifier
+    ).json
+    token = first["refresh_token"]
+    digest = hashlib.sha256(token.encode()).hexdigest()
+
+    rereads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        # The loser's second look: the token and its successor, without the grant.
+        looks = statement.startswith("SELECT") and "successor_unused" in statement
+        if looks and "JOIN grants" not in statement:
+            rereads.append(statement)
+
+    engine = app.extensions["broker"].db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    port = free_port()
+    data = {
+        "grant_type": "refresh_token",
+        "refresh_token": token,
+        "client_id": registered["client_id"],
+    }
+    with (
+        serve_wsgi(app, port) as base,
+        _connect(database_url) as locker,
+        _connect(database_url, autocommit=True) as watcher,
+        ThreadPoolExecutor(PARALLEL) as pool,
+    ):
+        locker.execute("SELECT 1 FROM refresh_tokens WHERE token_hash = %s FOR UPDATE", (digest,))
+        answers = [
+            pool.submit(httpx.post, f"{base}/token", data=data, timeout=30) for _ in range(PARALLEL)
+        ]
+        deadline = time.monotonic() + 20
+        while True:  # every refresh has read the token and waits to claim it
+            waiting = _waiting_behind(watcher, locker.info.backend_pid)
+            if waiting == PARALLEL:
+                break
+            assert time.monotonic() < deadline, f"{waiting} refreshes wait for the lock"
+            time.sleep(0.05)
+        locker.rollback()
+        responses = [answer.result() for answer in answers]
+    event.remove(engine, "before_cursor_execute", count)
+
+    assert [r.status_code for r in responses] == [200] * PARALLEL, [r.text for r in responses]
+    successors = {r.json()["refresh_token"] for r in responses}
+    assert len(successors) == 1 and token not in successors
+    assert len(rereads) == PARALLEL - 1  # every loser read the winner's successor
+    # The family lives on: the successor rotates, and nothing was revoked.
+    after = client.post("/token", data={**data, "refresh_token": successors.pop()})
+    assert after.status_code == 200, after.json
+    with app.extensions["broker"].db.session() as session:
+        assert session.scalars(select(Grant.revoked_at)).all() == [None]

@@ -1,0 +1,147 @@
+"""The token endpoint's statements, counted (counts are deterministic, unlike time): a refresh and
+an authorization-code redemption each read once and write three times, on SQLite and PostgreSQL,
+with the upstream re-check on too; nothing else reaches the database (no pre-ping, no separate
+client lookup). docs/benchmarks.md gives the counts before and after."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Engine
+
+from broker.models import Client
+from broker.oauth2 import rfc6749
+from tests.fakes.github import FakeGitHub
+from tests.support import RESOURCE, authorize_params, free_port, pkce, query, redeem, sign_in_local
+from tests.test_provider_signins import (  # noqa: F401 (fixtures)
+    RULES_ON_TEAMS,
+    LiveBroker,
+    github,
+    live_broker,
+)
+
+# What a refresh and a redemption send, in order (BEGIN and COMMIT aside).
+REFRESH = [
+    "SELECT refresh_tokens",
+    "UPDATE refresh_tokens",
+    "INSERT refresh_tokens",
+    "INSERT audit_events",
+]
+REDEMPTION = [
+    "SELECT authorization_codes",
+    "UPDATE authorization_codes",
+    "INSERT refresh_tokens",
+    "INSERT audit_events",
+]
+
+
+@contextmanager
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """The statements ``engine`` executes meanwhile, as "<verb> <first table>" (the SQLite
+    ``BEGIN IMMEDIATE`` the engine sends itself left out)."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        words = statement.split()
+        verb = words[0].upper()
+        if verb == "BEGIN":
+            return
+        table = {"SELECT": "FROM", "UPDATE": "UPDATE", "INSERT": "INTO", "DELETE": "FROM"}
+        after = table.get(verb)
+        name = words[words.index(after) + 1] if after in words else "?"
+        seen.append(f"{verb} {name}")
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def _engine(app: Flask) -> Engine:
+    engine: Engine = app.extensions["broker"].db.engine
+    return engine
+
+
+def _refresh(client: Any, client_id: str, token: str) -> Any:
+    return client.post(
+        "/token",
+        data={"grant_type": "refresh_token", "refresh_token": token, "client_id": client_id},
+    )
+
+
+def _code(client: FlaskClient, client_id: str) -> tuple[str, str]:
+    verifier, challenge = pkce()
+    done = sign_in_local(client, authorize_params(client_id, challenge))
+    return query(done.headers["Location"])["code"], verifier
+
+
+def test_a_refresh_and_a_redemption_are_four_statements(
+    app: Flask, client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    # The first token of a worker reads the signing key (then kept 30 s), and the first of a
+    # client records its use (then at most hourly): not counted.
+    assert redeem(client, registered["client_id"], *_code(client, registered["client_id"]))
+    code, verifier = _code(client, registered["client_id"])
+    with statements(_engine(app)) as seen:
+        tokens = redeem(client, registered["client_id"], code, verifier)
+    assert tokens.status_code == 200, tokens.json
+    assert seen == REDEMPTION
+    token = tokens.json["refresh_token"]
+    for rotation in range(3):  # the first rotation has no parent; later ones do: same count
+        with statements(_engine(app)) as seen:
+            answer = _refresh(client, registered["client_id"], token)
+        assert answer.status_code == 200, answer.json
+        assert seen == REFRESH, rotation
+        token = answer.json["refresh_token"]
+
+
+def test_a_parallel_refresh_in_the_grace_window_only_reads(
+    app: Flask, client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    first = redeem(client, registered["client_id"], *_code(client, registered["client_id"])).json
+    rotated = _refresh(client, registered["client_id"], first["refresh_token"]).json
+    with statements(_engine(app)) as seen:
+        again = _refresh(client, registered["client_id"], first["refresh_token"])
+    assert again.json["refresh_token"] == rotated["refresh_token"]
+    assert seen == ["SELECT refresh_tokens"]
+
+
+def test_with_the_upstream_recheck_on_a_refresh_is_still_four_statements(
+    live_broker: Callable[..., LiveBroker],  # noqa: F811 (the fixture imported above)
+    github: FakeGitHub,  # noqa: F811
+) -> None:
+    """The re-check's question (is this identity due?) is answered by the grant's own read."""
+    config = github.provider_config(recheck_interval=3600)
+    broker = live_broker(free_port(), providers={"github": config}, rules=RULES_ON_TEAMS)
+    assert broker.app.extensions["broker"].recheck.enabled
+    response = broker.sign_in("github", scope="demo:read")
+    tokens = httpx.post(
+        f"{broker.base}/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": query(response.headers["location"])["code"],
+            "client_id": broker.client_id,
+            "redirect_uri": "http://127.0.0.1:5555/callback",
+            "code_verifier": broker.verifier,
+            "resource": RESOURCE,
+        },
+    )
+    assert tokens.status_code == 200, tokens.text
+    with httpx.Client(base_url=broker.base) as http, statements(_engine(broker.app)) as seen:
+        answer = _refresh(http, broker.client_id, tokens.json()["refresh_token"])
+    assert answer.status_code == 200, answer.text
+    assert seen == REFRESH
+
+
+def test_the_token_endpoint_copy_of_a_client_names_every_attribute() -> None:
+    """The client read with a code or refresh token holds the columns the token endpoint reads;
+    every other attribute of the model must be given a value that allows nothing."""
+    attributes = {attribute.key for attribute in inspect(Client).column_attrs}
+    assert set(rfc6749._TOKEN_CLIENT) | set(rfc6749._CLIENT_CLOSED) == attributes
