@@ -99,6 +99,8 @@ def _finished(sender: Flask, response: Response, **extra: object) -> None:
 
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
+    if get_broker(app).settings.metrics.mode == "off":
+        return  # nothing reads them: the requests are not timed (the token path is hot)
     request_started.connect(_started, app)
     request_finished.connect(_finished, app)
     if get_broker(app).settings.metrics.mode == "bind" and not os.environ.get(
