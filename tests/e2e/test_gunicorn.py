@@ -41,17 +41,27 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], log: Path) -> None:
     raise AssertionError(f"gunicorn did not become ready: {log.read_text()[-3000:]}")
 
 
+CHECKOUT = ("wsgi:app", "-c", "gunicorn.conf.py")
+"""How a checkout serves the broker; an installed package: ``-c python:broker.gunicorn_conf
+broker.wsgi:app``."""
+
+
 @contextlib.contextmanager
 def gunicorn(
-    env: dict[str, str], port: int, log: Path, workers: int = 2
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    workers: int = 2,
+    *,
+    app: tuple[str, ...] = CHECKOUT,
+    cwd: Path = ROOT,
 ) -> Iterator[subprocess.Popen[str]]:
+    """gunicorn serving ``app`` from ``cwd`` until the block ends, once ``/ready`` answers."""
     with log.open("w") as out:
         proc = subprocess.Popen(
             [
                 str(BIN / "gunicorn"),
-                "wsgi:app",
-                "-c",
-                "gunicorn.conf.py",
+                *app,
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--workers",
@@ -60,7 +70,7 @@ def gunicorn(
                 "2",
             ],
             env=env,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,

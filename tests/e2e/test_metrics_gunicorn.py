@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.metrics import CONTENT_TYPE_LATEST
 from tests.e2e.conftest import resources
+from tests.e2e.test_gunicorn import gunicorn
 from tests.support import free_port
 
 BIN = Path(sys.executable).parent
@@ -117,43 +118,11 @@ def packaged_gunicorn(
     )
     assert upgrade.returncode == 0, upgrade.stderr
     log = site / "gunicorn.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "gunicorn"),
-                "-c",
-                "python:broker.gunicorn_conf",
-                "broker.wsgi:app",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "2",
-                "--threads",
-                "2",
-            ],
-            env=environ,
-            cwd=site,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    served = Served(url, log, proc)
-    try:
-        _wait(
-            lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200,
-            served,
-            "gunicorn did not become ready",
-        )
+    package = ("-c", "python:broker.gunicorn_conf", "broker.wsgi:app")
+    with gunicorn(environ, port, log, app=package, cwd=site) as proc:
+        served = Served(url, log, proc)
         _wait(lambda: len(served.workers()) == 2, served, "two workers did not boot")
         yield served
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 @dataclass
