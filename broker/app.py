@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from flask import Flask
+from flask import Flask, Request, Response
+from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_module
@@ -51,6 +52,16 @@ class Broker:
     recheck: UpstreamRecheck
 
 
+class NoCookieSession(SessionInterface):
+    """Flask's session, never opened: every request gets the null session."""
+
+    def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
+        return self.make_null_session(app)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        return None
+
+
 def create_app(
     config: Settings | str | os.PathLike[str] | None = None,
     *,
@@ -77,6 +88,9 @@ def create_app(
         SESSION_COOKIE_SECURE=settings.secure_cookies,
         TRAP_HTTP_EXCEPTIONS=False,
     )
+    # Browser state lives in the database behind the broker's own cookies, never in Flask's
+    # signed cookie session: none is opened (Flask would build a signer for it per request).
+    app.session_interface = NoCookieSession()
     if settings.trust_proxy:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
 

@@ -9,14 +9,26 @@ carry tokens, codes or secrets: only ids, outcomes, reasons and the details the 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from typing import Any
 
-from sqlalchemy import Connection, Table, event, insert, inspect
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Insert,
+    String,
+    Table,
+    bindparam,
+    event,
+    insert,
+    inspect,
+    select,
+)
 from sqlalchemy.orm import Session
 
-from .db import utcnow
+from .db import UTCDateTime, utcnow
 from .models import AuditEvent
 
 AUDIT_LOGGER = "broker.audit"
@@ -74,6 +86,33 @@ def record(
     return row
 
 
+def values(
+    type: str,
+    outcome: str,
+    *,
+    at: dt.datetime | None = None,
+    user_id: str | None = None,
+    client_id: str | None = None,
+    resource: str | None = None,
+    address: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One event's columns, for :func:`write` and for :func:`insert_when`'s parameters."""
+    return {
+        "at": at or utcnow(),
+        "type": type,
+        "outcome": outcome,
+        "user_id": user_id,
+        "client_id": client_id,
+        "resource": resource,
+        "provider": None,
+        "actor": None,
+        "reason": None,
+        "address": address,
+        "details": details or {},
+    }
+
+
 def write(
     session: Session,
     type: str,
@@ -89,25 +128,59 @@ def write(
     """:func:`record` with one Core ``INSERT`` on ``session``'s connection (``connection``, when
     the caller holds it), executed now, logged once the transaction commits. Not inside a
     savepoint: its rollback would not take the line back."""
+    entry = values(
+        type,
+        outcome,
+        user_id=user_id,
+        client_id=client_id,
+        resource=resource,
+        address=address,
+        details=details,
+    )
+    write_values(session, entry, connection=connection)
+
+
+def write_values(
+    session: Session, entry: dict[str, Any], *, connection: Connection | None = None
+) -> None:
+    """:func:`write` of an event's :func:`values`."""
     assert not session.in_nested_transaction()
-    values: dict[str, Any] = {
-        "at": utcnow(),
-        "type": type,
-        "outcome": outcome,
-        "user_id": user_id,
-        "client_id": client_id,
-        "resource": resource,
-        "provider": None,
-        "actor": None,
-        "reason": None,
-        "address": address,
-        "details": details or {},
-    }
-    result = (connection or session.connection()).execute(_INSERT, values)
+    result = (connection or session.connection()).execute(_INSERT, entry)
     inserted = result.inserted_primary_key
     assert inserted is not None
-    values["id"] = inserted[0]
-    session.info.setdefault(_PENDING, []).append(values)
+    written(session, entry, inserted[0])
+
+
+# The columns an event inserted by a larger statement sets (the others stay NULL).
+_WHEN_COLUMNS = ("at", "type", "outcome", "user_id", "client_id", "resource", "address", "details")
+
+
+def insert_when(condition: Any, *, prefix: str = "event_") -> Insert:
+    """An ``INSERT ... SELECT`` of one event, made only when ``condition`` holds: part of a
+    PostgreSQL statement that writes the event together with what it records (a
+    data-modifying ``WITH``), so both are written or neither. Its parameters are the
+    :func:`values` of the event, named with ``prefix``; it returns the new event's ``id``."""
+    kinds: dict[str, Any] = {"at": UTCDateTime(), "details": JSON()}
+    selected: list[Any] = [
+        bindparam(prefix + name, type_=kinds.get(name, String())) for name in _WHEN_COLUMNS
+    ]
+    return (
+        insert(_EVENTS)
+        .from_select(list(_WHEN_COLUMNS), select(*selected).where(condition))
+        .returning(_EVENTS.c.id)
+    )
+
+
+def when_params(entry: dict[str, Any], prefix: str = "event_") -> dict[str, Any]:
+    """The parameters of :func:`insert_when` for ``entry`` (from :func:`values`)."""
+    return {prefix + name: entry[name] for name in _WHEN_COLUMNS}
+
+
+def written(session: Session, entry: dict[str, Any], event_id: int) -> None:
+    """``entry`` (from :func:`values`) was inserted as ``event_id`` in ``session``'s
+    transaction: it is logged once that commits."""
+    entry["id"] = event_id
+    session.info.setdefault(_PENDING, []).append(entry)
 
 
 def as_dict(row: AuditEvent) -> dict[str, Any]:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import datetime as dt
 import select
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from sqlalchemy import DateTime, MetaData, create_engine, event
-from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -78,6 +78,18 @@ class Database:
         self.url = url
         self.engine = make_engine(url, echo=echo)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # The token endpoint's sessions: on PostgreSQL outside any transaction block (each
+        # statement commits by itself, so no BEGIN and COMMIT round trips), for requests whose
+        # every write that must be atomic is one statement (oauth2/rfc6749.py); on SQLite the
+        # same as ``sessions``.
+        self.statement_sessions = (
+            self.sessions
+            if self.is_sqlite
+            else sessionmaker(
+                self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False,
+            )
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -160,18 +172,25 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def first_read(session: Session, statement: Any, params: Mapping[str, Any]) -> CursorResult[Any]:
+def first_read(
+    session: Session,
+    statement: Any,
+    params: Mapping[str, Any],
+    connection: Callable[[], Connection] | None = None,
+) -> CursorResult[Any]:
     """Execute the first statement of ``session``'s transaction, a read, with Core on the
-    session's connection; when the pooled connection turns out dead (a disconnect, which
-    SQLAlchemy answers by invalidating the pool's older connections), run it once more on a
-    fresh one. Nothing was written yet, so the retry cannot write twice."""
+    session's connection (``connection()``, when the caller keeps it); when the pooled
+    connection turns out dead (a disconnect, which SQLAlchemy answers by invalidating the
+    pool's older connections), run it once more on a fresh one. Nothing was written yet, so
+    the retry cannot write twice."""
+    connect = connection or session.connection
     try:
-        return session.connection().execute(statement, params)
+        return connect().execute(statement, params)
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
         session.rollback()
-        return session.connection().execute(statement, params)
+        return connect().execute(statement, params)
 
 
 def rows_affected(session: Session, statement: Any) -> int:

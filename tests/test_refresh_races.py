@@ -122,3 +122,68 @@ def test_refreshes_that_all_read_the_token_unused_get_one_successor(
     assert after.status_code == 200, after.json
     with app.extensions["broker"].db.session() as session:
         assert session.scalars(select(Grant.revoked_at)).all() == [None]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_redemptions_that_all_read_the_code_unused_give_tokens_once(
+    database_url: str, make_app: Callable[..., Flask]
+) -> None:
+    """The code's claim is the redemption's one write (with its refresh token and audit event):
+    of redemptions that all read the code unused, exactly one gets tokens; the others are
+    refused, and, a code used twice, the grant it produced is revoked (RFC 6749 section
+    4.1.2), its refresh token with it."""
+    app = make_app()
+    client = app.test_client()
+    registered = client.post(
+        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+    ).json
+    verifier, challenge = pkce()
+    done = sign_in_local(client, authorize_params(registered["client_id"], challenge))
+    code = query(done.headers["Location"])["code"]
+    digest = hashlib.sha256(code.encode()).hexdigest()
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "client_id": registered["client_id"],
+        "redirect_uri": "http://127.0.0.1:5555/callback",
+        "code_verifier": verifier,
+        "resource": authorize_params("x", "x")["resource"],
+    }
+    port = free_port()
+    with (
+        serve_wsgi(app, port) as base,
+        _connect(database_url) as locker,
+        _connect(database_url, autocommit=True) as watcher,
+        ThreadPoolExecutor(PARALLEL) as pool,
+    ):
+        locker.execute(
+            "SELECT 1 FROM authorization_codes WHERE code_hash = %s FOR UPDATE", (digest,)
+        )
+        answers = [
+            pool.submit(httpx.post, f"{base}/token", data=data, timeout=30) for _ in range(PARALLEL)
+        ]
+        deadline = time.monotonic() + 20
+        while True:
+            waiting = _waiting_behind(watcher, locker.info.backend_pid)
+            if waiting == PARALLEL:
+                break
+            assert time.monotonic() < deadline, f"{waiting} redemptions wait for the lock"
+            time.sleep(0.05)
+        locker.rollback()
+        responses = [answer.result() for answer in answers]
+
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] + [400] * (PARALLEL - 1), [r.text for r in responses]
+    assert {r.json()["error"] for r in responses if r.status_code == 400} == {"invalid_grant"}
+    won = next(r.json() for r in responses if r.status_code == 200)
+    after = client.post(
+        "/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": won["refresh_token"],
+            "client_id": registered["client_id"],
+        },
+    )
+    assert after.status_code == 400 and after.json["error"] == "invalid_grant"
+    with app.extensions["broker"].db.session() as session:
+        assert session.scalars(select(Grant.revoke_reason)).all() == ["code_replay"]

@@ -28,7 +28,20 @@ from typing import Any, cast
 
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
-from sqlalchemy import Connection, Row, Table, and_, bindparam, case, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    String,
+    Table,
+    and_,
+    bindparam,
+    case,
+    exists,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from providers.contract import Identity as UpstreamIdentity
 
@@ -270,6 +283,17 @@ _ROTATE = (
     .returning(_tokens.c.token_hash)
 )
 _REFRESH_INSERT = insert(_tokens)
+# The columns a new refresh token sets (the others start NULL). No parameter of these
+# statements is named after a column: an UPDATE given such a parameter would also set it.
+_NEW_TOKEN = ("token_hash", "grant_id", "scope", "issued_at", "expires_at", "idle_expires_at")
+_NEW_TOKEN_VALUES = (
+    bindparam("successor", type_=String()),
+    bindparam("new_grant", type_=String()),
+    bindparam("new_scope", type_=String()),
+    bindparam("now", type_=UTCDateTime()),
+    bindparam("new_expires", type_=UTCDateTime()),
+    bindparam("new_idle", type_=UTCDateTime()),
+)
 _GRANT_NARROW = (
     update(_grants).where(_grants.c.id == bindparam("grant")).values(scope=bindparam("narrowed"))
 )
@@ -298,6 +322,41 @@ _CODE_CLAIM = (
         _codes.c.expires_at > bindparam("now", type_=UTCDateTime()),
     )
     .values(used_at=bindparam("now", type_=UTCDateTime()))
+)
+
+# On PostgreSQL each grant writes in one statement (data-modifying WITH queries), run outside
+# any transaction block: the statement is atomic by itself, so a refresh or a redemption is two
+# round trips (the read, then this) instead of six (BEGIN, the read, three writes, COMMIT). The
+# statement returns the audit event's id, or no row when the claim was lost. SQLite has no
+# DML in WITH and runs the same writes as separate statements in one transaction.
+_claimed = _ROTATE.cte("claimed")
+_successor_row = (
+    insert(_tokens)
+    .from_select(
+        [*_NEW_TOKEN, "parent_hash"],
+        select(*_NEW_TOKEN_VALUES, _claimed.c.token_hash).where(
+            _claimed.c.token_hash == bindparam("digest")
+        ),
+    )
+    .returning(_tokens.c.token_hash)
+    .cte("successor_row")
+)
+_rotation_event = audit.insert_when(exists(select(_successor_row.c.token_hash))).cte("event")
+ROTATE_ONCE = select(_rotation_event.c.id).add_cte(_claimed, _successor_row, _rotation_event)
+_code_claimed = _CODE_CLAIM.returning(_codes.c.code_hash).cte("claimed")
+_first_token = (
+    insert(_tokens)
+    .from_select(
+        list(_NEW_TOKEN),
+        select(*_NEW_TOKEN_VALUES).where(exists(select(_code_claimed.c.code_hash))),
+    )
+    .returning(_tokens.c.token_hash)
+    .cte("token_row")
+)
+_redemption_event = audit.insert_when(exists(select(_code_claimed.c.code_hash))).cte("event")
+REDEEM_ONCE = select(_redemption_event.c.id).add_cte(_code_claimed, _first_token, _redemption_event)
+REDEEM_ONCE_WITHOUT_REFRESH = select(_redemption_event.c.id).add_cte(
+    _code_claimed, _redemption_event
 )
 
 
@@ -339,40 +398,55 @@ def _read_presented(grant: Any, field: str, statement: Any, client_id: str) -> R
     if not presented or len(presented) > MAX_PRESENTED:
         return None
     server = grant.server
+    state = server.state()
     row: Row[Any] | None = first_read(
-        server.state().session, statement, {"digest": token_hash(presented)}
+        state.session, statement, {"digest": token_hash(presented)}, state.connection
     ).first()
     if row is not None:
         server.keep_client(row._mapping[client_id], _client(row), live_grant=row.revoked_at is None)
     return row
 
 
-def _insert_refresh_token(
-    connection: Connection,
+def _new_token(
     settings: Any,
     *,
     digest: str,
     grant: GrantRow,
-    parent_hash: str | None,
     now: dt.datetime,
     family_expires: dt.datetime | None,
-) -> None:
+) -> dict[str, Any]:
+    """The parameters of a new refresh token of ``grant``: its expiry (``refresh_ttl``, never
+    past the family's absolute expiry) and idle expiry."""
     tokens = settings.tokens
     expires = now + dt.timedelta(seconds=tokens.refresh_ttl)
     if family_expires is not None:  # an absolute lifetime belongs to the family
         expires = min(expires, family_expires)
+    return {
+        "successor": digest,
+        "new_grant": grant.id,
+        "new_scope": grant.scope,
+        "now": now,
+        "new_expires": expires,
+        "new_idle": min(expires, now + dt.timedelta(seconds=tokens.refresh_idle_ttl)),
+    }
+
+
+def _insert_refresh_token(
+    connection: Connection, new: Mapping[str, Any], parent_hash: str | None
+) -> None:
+    """The new refresh token ``new`` (:func:`_new_token`), on its own (SQLite)."""
     connection.execute(
         _REFRESH_INSERT,
         {
-            "token_hash": digest,
-            "grant_id": grant.id,
+            "token_hash": new["successor"],
+            "grant_id": new["new_grant"],
             "parent_hash": parent_hash,
             "successor_hash": None,
             "successor_sealed": None,
-            "scope": grant.scope,
-            "issued_at": now,
-            "expires_at": expires,
-            "idle_expires_at": min(expires, now + dt.timedelta(seconds=tokens.refresh_idle_ttl)),
+            "scope": new["new_scope"],
+            "issued_at": new["now"],
+            "expires_at": new["new_expires"],
+            "idle_expires_at": new["new_idle"],
             "used_at": None,
         },
     )
@@ -439,21 +513,17 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         _check_token_resource(self.request, code.resource)
 
     def query_authorization_code(self, code: str, client: Any) -> CodeCredential | None:
-        """Single use (OAuth 2.1 section 4.1.3): the conditional update decides races between
-        workers, exactly one redemption wins; a code used before (or at the same moment)
-        revokes its grant (RFC 6749 section 4.1.2)."""
+        """The code as read with the request's first statement. A code used before revokes its
+        grant (RFC 6749 section 4.1.2); it is claimed (single use, OAuth 2.1 section 4.1.3)
+        only once the whole request has been validated, PKCE included (:meth:`save_token`), so
+        a request that fails never uses the code up."""
         row: Row[Any] | None = self.presented
         if row is None or row.code_client_id != client.get_client_id():
             return None
-        state = self.server.state()
-        now = utcnow()
-        if row.used_at is None and row.expires_at <= now:
+        if row.used_at is not None:
+            self.server.state().revoke_grant(row.grant_id, "code_replay")
             return None
-        won = row.used_at is None and bool(
-            state.connection().execute(_CODE_CLAIM, {"digest": row.code_hash, "now": now}).rowcount
-        )
-        if not won:
-            state.revoke_grant(row.grant_id, "code_replay")
+        if row.expires_at <= utcnow():
             return None
         return CodeCredential(
             code_hash=row.code_hash,
@@ -473,34 +543,57 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         return GrantUser(grant) if grant.live else None
 
     def save_token(self, token: dict[str, Any]) -> None:
-        """The first refresh token of the grant's family, and the ``issue`` audit event."""
+        """The claim of the code, the first refresh token of the grant's family and the
+        ``issue`` audit event, together. The conditional claim decides races between workers:
+        exactly one redemption wins; one that loses (a parallel redemption of the same code)
+        revokes the grant, as a replay does."""
         server = self.server
         state = server.state()
         server.record_client_use(self.request.client)
+        code: CodeCredential = self.request.authorization_code
+        grant = code.grant
+        now = utcnow()
         plaintext = token.get("refresh_token")
-        if not plaintext:
-            return
-        grant = self.request.authorization_code.grant
-        _insert_refresh_token(
-            state.connection(),
-            server.settings,
-            digest=token_hash(plaintext),
-            grant=grant,
-            parent_hash=None,
-            now=utcnow(),
-            family_expires=None,
+        new = (
+            _new_token(
+                server.settings,
+                digest=token_hash(plaintext),
+                grant=grant,
+                now=now,
+                family_expires=None,
+            )
+            if plaintext
+            else {"now": now}
         )
-        audit.write(
-            state.session,
+        entry = audit.values(
             "issue",
             "success",
+            at=now,
             user_id=grant.user_id,
             client_id=grant.client_id,
             resource=grant.resource,
             address=state.address,
             details={"grant": grant.id, "scope": token.get("scope", "")},
-            connection=state.connection(),
         )
+        connection = state.connection()
+        claim = {"digest": code.code_hash, "now": now}
+        if server.db.is_sqlite:
+            won = bool(connection.execute(_CODE_CLAIM, claim).rowcount)
+            if won:
+                if plaintext:
+                    _insert_refresh_token(connection, new, parent_hash=None)
+                audit.write_values(state.session, entry, connection=connection)
+        else:
+            statement = REDEEM_ONCE if plaintext else REDEEM_ONCE_WITHOUT_REFRESH
+            event_id = connection.execute(
+                statement, {**new, **claim, **audit.when_params(entry)}
+            ).scalar()
+            won = event_id is not None
+            if won:
+                audit.written(state.session, entry, event_id)
+        if not won:
+            state.revoke_grant(grant.id, "code_replay")
+            raise InvalidGrantError("Invalid 'code' in request.")
 
 
 def _check_token_resource(request: Any, resource: str) -> None:
@@ -641,46 +734,50 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         plaintext: str = token["refresh_token"]
         digest = token_hash(plaintext)
         now = utcnow()
-        connection = state.connection()
-        rotated = connection.execute(
-            _ROTATE,
-            {
-                "digest": credential.token_hash,
-                "parent": credential.parent_hash,
-                "now": now,
-                "successor": digest,
-                "sealed": server.sealer.seal_text(plaintext, successor_aad(credential.token_hash)),
-            },
-        ).scalars()
         grant = credential.grant
-        if credential.token_hash not in set(rotated):
+        connection = state.connection()
+        rotation = {
+            "digest": credential.token_hash,
+            "parent": credential.parent_hash,
+            "sealed": server.sealer.seal_text(plaintext, successor_aad(credential.token_hash)),
+            **_new_token(
+                server.settings,
+                digest=digest,
+                grant=grant,
+                now=now,
+                family_expires=credential.expires_at,
+            ),
+        }
+        entry = audit.values(
+            "refresh",
+            "success",
+            at=now,
+            user_id=grant.user_id,
+            client_id=grant.client_id,
+            resource=grant.resource,
+            address=state.address,
+            details={"grant": grant.id, "scope": token.get("scope", "")},
+        )
+        if server.db.is_sqlite:
+            rotated = connection.execute(_ROTATE, rotation).scalars()
+            won = credential.token_hash in set(rotated)
+            if won:
+                _insert_refresh_token(connection, rotation, parent_hash=credential.token_hash)
+                audit.write_values(session, entry, connection=connection)
+        else:
+            event_id = connection.execute(
+                ROTATE_ONCE, {**rotation, **audit.when_params(entry)}
+            ).scalar()
+            won = event_id is not None
+            if won:
+                audit.written(session, entry, event_id)
+        if not won:
             again = connection.execute(_REFRESH_REREAD, {"digest": credential.token_hash}).first()
             successor = self._grace_successor(again, now) if again is not None else None
             if successor is None:
                 state.revoke_grant(grant.id, "refresh_token_reuse")
                 raise InvalidGrantError()
             token["refresh_token"] = successor
-            return
-        _insert_refresh_token(
-            connection,
-            server.settings,
-            digest=digest,
-            grant=grant,
-            parent_hash=credential.token_hash,
-            now=now,
-            family_expires=credential.expires_at,
-        )
-        audit.write(
-            session,
-            "refresh",
-            "success",
-            user_id=grant.user_id,
-            client_id=grant.client_id,
-            resource=grant.resource,
-            address=state.address,
-            details={"grant": grant.id, "scope": token.get("scope", "")},
-            connection=state.connection(),
-        )
 
     def revoke_old_credential(self, refresh_token: RefreshCredential) -> None:
         """Nothing to do: the old token was claimed and linked to its successor atomically."""

@@ -167,7 +167,7 @@ def token() -> Response:
         return response
 
     try:
-        response = _run(respond, ok=200)
+        response = _run(respond, ok=200, statements=True)
     except RecheckFirst as first:
         # The refresh grant's identity is due upstream: asked outside any transaction (the
         # upstream call holds no lock), then the refresh is decided on what it said.
@@ -175,7 +175,7 @@ def token() -> Response:
             first.due, client_id=request.form.get("client_id"), address=request.remote_addr
         )
         recheck = None
-        response = _run(respond, ok=200)
+        response = _run(respond, ok=200, statements=True)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Pragma"] = "no-cache"
     return response
@@ -227,11 +227,15 @@ def _endpoint(name: str, *, success: int) -> Response:
     return response
 
 
-def _run(call: Callable[[], Response], *, ok: int) -> Response:
+def _run(call: Callable[[], Response], *, ok: int, statements: bool = False) -> Response:
     """Run an Authlib endpoint in one transaction: committed when it succeeds, rolled back
-    otherwise (nothing half-written); then any revocation the failure asked for."""
+    otherwise (nothing half-written); then any revocation the failure asked for.
+    ``statements``: the token endpoint, whose grants write what must be atomic in one
+    statement on PostgreSQL, runs there outside a transaction block (``Database.
+    statement_sessions``); nothing a failed request would need undone is written before
+    its last statement."""
     b = broker()
-    session = b.db.sessions()
+    session = (b.db.statement_sessions if statements else b.db.sessions)()
     try:
         with oauth_state(session) as state:
             response = call()

@@ -9,7 +9,7 @@ import jwt
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
-from broker.models import AuthorizationCode, Grant, PendingLogin, RefreshToken
+from broker.models import AuditEvent, AuthorizationCode, Grant, PendingLogin, RefreshToken
 from tests.support import (
     OTHER_RESOURCE,
     RESOURCE,
@@ -218,6 +218,17 @@ def test_wrong_verifier_replayed_code_and_mismatched_redirect(
     wrong = redeem(client, cid, code, verifier[:-4] + "AAAA")
     assert wrong.status_code == 400 and wrong.json["error"] == "invalid_grant"
     assert _count(app, RefreshToken) == 0
+    # A request that fails does not use the code up (it is claimed only once all is valid),
+    # and revokes nothing: the client's own redemption still works.
+    elsewhere = redeem(client, cid, code, verifier, redirect_uri="http://127.0.0.1:5556/callback")
+    assert elsewhere.status_code == 400 and _count(app, RefreshToken) == 0
+    with app.extensions["broker"].db.session() as session:
+        issued = session.scalars(select(AuditEvent.id).where(AuditEvent.type == "issue"))
+        assert issued.all() == []
+    first = redeem(client, cid, code, verifier)
+    assert first.status_code == 200, first.json
+    with app.extensions["broker"].db.session() as session:
+        assert session.scalars(select(Grant.revoked_at)).all() == [None]
 
     code, verifier, _ = _code(client, registered)
     mismatch = redeem(client, cid, code, verifier, redirect_uri="http://127.0.0.1:5556/callback")
