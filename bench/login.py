@@ -6,12 +6,14 @@ The upstream is the real OpenID provider of the tests (panva's ``oidc-provider``
 (``broker.yaml`` with an ``oidc`` provider for that issuer, ``broker db upgrade``, gunicorn
 with 2 gthread workers). With the same client concurrency, alternating in rounds, it measures:
 
-(u) the upstream alone: its authorization endpoint, its interaction (the test IdP signs the
-    user in and grants consent without a form), the code, and its token endpoint, as a
-    confidential client of the IdP would do it;
+(u) the upstream alone: its authorization endpoint, its sign-in page and the form posted
+    to it (the password checked against a scrypt hash with the parameters the scrypt paper
+    gives for interactive logins, as a real IdP checks one; consent is granted without a
+    page, as for a company's own apps), the code, and its token endpoint, as a confidential
+    client of the IdP would do it;
 (b) a login through the broker, in a browser that has never been there (no cookies), ending
     with the MCP client's tokens: ``/authorize`` -> consent page -> approve with the IdP ->
-    the upstream's authorization, interaction and code -> the broker's ``/callback`` (which
+    the upstream's authorization, sign-in and code -> the broker's ``/callback`` (which
     redeems the upstream code, validates the ID token and reads UserInfo) -> the code ->
     the broker's ``/token``.
 
@@ -20,6 +22,10 @@ ratio (b) / (u) is the goal (>= 0.85): how close the broker comes to the rate at
 upstream serves its own logins alone, on the same machine. The table adds the CPU each side
 spent per login (the broker's gunicorn workers, the IdP's Node process; on PostgreSQL the
 database's own processes are not counted) and the load generator's.
+
+``--upstream-sign-in hint`` measures against the IdP the tests use instead, which signs the
+user in without a form or a password (6 ms of IdP CPU a login, less than the broker's own
+back-channel calls to it): a floor for the IdP's cost that no real upstream has.
 
     .venv/bin/python bench/login.py                    # SQLite, about 70 s
     .venv/bin/python bench/login.py --quick            # about 25 s
@@ -62,9 +68,10 @@ from token_endpoint import (
 )
 
 sys.path.insert(0, str(ROOT))
-from tests.idp_server import IdPUnavailable, start_idp
+from tests.idp_server import IdPUnavailable, start_idp, submit_sign_in
 
 GOAL = 0.85
+USER = "alice"  # the test IdP's account every login signs in as
 RESOURCE = "http://127.0.0.1:8001/mcp"
 SCOPE = "bench:read"
 CLIENT_REDIRECT = "http://127.0.0.1:5555/callback"
@@ -87,9 +94,12 @@ def process_cpu(pids: list[int]) -> float:
 
 def follow(browser: httpx.Client, url: str, stop: str, limit: int = 20) -> str:
     """GET ``url`` and follow redirects with the browser's cookies until one leads to ``stop``
-    (not fetched); returns that location."""
+    (not fetched); returns that location. The IdP's sign-in page, when it shows one, is
+    filled in as its user does (``USER``'s password)."""
     for _ in range(limit):
         response = browser.get(url)
+        if response.status_code == 200 and 'type="password"' in response.text:
+            response = submit_sign_in(browser, url, response.text, USER, f"{USER}-password")
         if response.status_code not in (301, 302, 303, 307, 308):
             raise RuntimeError(
                 f"{urlsplit(url).path}: {response.status_code} {response.text[:200]}"
@@ -202,6 +212,7 @@ class Settings:
     duration: float
     rounds: int
     keep: bool
+    sign_in: str
 
 
 def write_config(directory: Path, port: int, db_url: str, issuer: str) -> Path:
@@ -249,7 +260,7 @@ def measure(settings: Settings, work: Path) -> dict[str, Any]:
     ]
     with contextlib.ExitStack() as stack:
         try:
-            idp = stack.enter_context(start_idp(clients))
+            idp = stack.enter_context(start_idp(clients, options={"signIn": settings.sign_in}))
         except IdPUnavailable as exc:
             raise SystemExit(f"the test IdP cannot run here: {exc}") from None
         db_url = stack.enter_context(database(settings.database_url, work, "login"))
@@ -300,7 +311,8 @@ def report(settings: Settings, result: dict[str, Any]) -> float:
     threads = settings.threads or int(os.environ.get("BROKER_THREADS", "4"))
     print(
         f"\nFirst-time logins, {backend}, broker: gunicorn {settings.workers} gthread workers x "
-        f"{threads} threads; upstream: oidc-provider (tests/idp, one Node process); "
+        f"{threads} threads; upstream: oidc-provider (tests/idp, one Node process, sign-in "
+        f"{'form with a password check' if settings.sign_in == 'form' else 'without a form'}); "
         f"{settings.concurrency} client threads; {os.cpu_count()} CPUs"
     )
     header = (
@@ -343,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
     parser.add_argument("--duration", type=float, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, help="alternating rounds")
+    parser.add_argument(
+        "--upstream-sign-in",
+        choices=["form", "hint"],
+        default="form",
+        help="form (default): the IdP's sign-in form with a password check; hint: the tests' "
+        "IdP that signs in without either",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     settings = Settings(
@@ -354,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration or (3.0 if args.quick else 8.0),
         rounds=args.rounds or (2 if args.quick else 4),
         keep=args.keep,
+        sign_in=args.upstream_sign_in,
     )
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="broker-bench-login-"))

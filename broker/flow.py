@@ -795,11 +795,14 @@ class AuthorizationFlow:
             )
         ).first()
 
-    def link_identity(self, session: Session, result: LoginResult) -> Identity:
-        """The identity row for this upstream identity, creating the user on first sign-in."""
+    def link_identity(
+        self, session: Session, result: LoginResult, known: Identity | None = None
+    ) -> Identity:
+        """The identity row for this upstream identity (``known``, when the caller read it
+        already), creating the user on first sign-in."""
         upstream: UpstreamIdentity = result.identity
         now = utcnow()
-        row = self._identity_row(session, upstream)
+        row = known if known is not None else self._identity_row(session, upstream)
         if row is None:
             try:
                 with session.begin_nested():
@@ -900,7 +903,7 @@ class AuthorizationFlow:
                 user_id=known.user_id if known else None,
                 address=address,
             ), None
-        identity = self.link_identity(session, result)
+        identity = self.link_identity(session, result, known)
         session_value = self.new_browser_session(session, identity)
         return self.finish(session, pending, identity, address), session_value
 

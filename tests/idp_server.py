@@ -9,8 +9,10 @@ what a certified OP never sends.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -216,13 +218,18 @@ def idp_or_skip(
         yield idp
 
 
-def browse_to_redirect_uri(url: str, redirect_uri: str = REDIRECT_URI) -> dict[str, str]:
+def browse_to_redirect_uri(
+    url: str, redirect_uri: str = REDIRECT_URI, *, sign_in: tuple[str, str] | None = None
+) -> dict[str, str]:
     """Play the browser: GET ``url`` and follow redirects with cookies until the IdP sends us to
     ``redirect_uri`` (not fetched); return that redirect's query parameters. The test IdP's
-    interaction route logs in and consents on its own, so there is no form to fill."""
+    interaction route logs in and consents on its own, so there is no form to fill, unless it
+    runs with ``signIn: "form"``: then ``sign_in`` (username, password) fills its form."""
     with httpx.Client(follow_redirects=False, timeout=10) as browser:
         for _ in range(20):
             response = browser.get(url)
+            if response.status_code == 200 and sign_in is not None:
+                response = submit_sign_in(browser, url, response.text, *sign_in)
             if response.status_code not in (301, 302, 303, 307, 308):
                 raise AssertionError(
                     f"the IdP answered {response.status_code} at {url}: {response.text[:500]}"
@@ -231,6 +238,23 @@ def browse_to_redirect_uri(url: str, redirect_uri: str = REDIRECT_URI) -> dict[s
             if url.startswith(redirect_uri):
                 return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
     raise AssertionError("too many redirects before the redirect_uri")
+
+
+SIGN_IN_ACTION = re.compile(r'<form method="post" action="([^"]+)"')
+
+
+def submit_sign_in(
+    browser: httpx.Client, page_url: str, page: str, username: str, password: str
+) -> httpx.Response:
+    """Post ``username`` and ``password`` to the test IdP's sign-in form (``signIn: "form"``)
+    in ``page``, as a browser does."""
+    action = SIGN_IN_ACTION.search(page)
+    if action is None:
+        raise AssertionError(f"no sign-in form at {page_url}: {page[:500]}")
+    return browser.post(
+        urljoin(page_url, html.unescape(action.group(1))),
+        data={"username": username, "password": password},
+    )
 
 
 @dataclass(frozen=True)

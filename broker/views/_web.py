@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -67,8 +68,15 @@ def cookie_name(base: str) -> str:
     return f"__Host-{base}" if broker().settings.secure_cookies else base
 
 
+@functools.lru_cache(maxsize=4)
+def _keys(secret_key: str) -> tuple[Signer, bytes]:
+    """The cookie signer and the CSRF key of ``secret_key`` (derived once, not per request)."""
+    signer = Signer(derive_key(secret_key, "cookies"), salt="broker-cookie")
+    return signer, derive_key(secret_key, "csrf")
+
+
 def _signer() -> Signer:
-    return Signer(derive_key(broker().settings.secret_key, "cookies"), salt="broker-cookie")
+    return _keys(broker().settings.secret_key)[0]
 
 
 def read_cookie(base: str) -> str | None:
@@ -101,7 +109,7 @@ def browser_hash() -> str | None:
 def csrf_token(purpose: str, login_id: str) -> str:
     """A CSRF token bound to one pending login and to this browser (stateless HMAC)."""
     browser = read_cookie(BROWSER_COOKIE) or ""
-    key = derive_key(broker().settings.secret_key, "csrf")
+    key = _keys(broker().settings.secret_key)[1]
     message = f"{purpose}\x00{login_id}\x00{browser}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 

@@ -24,14 +24,20 @@
 //                     OIDC Core 5.4 says for the code flow) or "all" (also in the id_token)
 //   ttl               object of seconds: accessToken, idToken, refreshToken (defaults 3600,
 //                     3600, 86400)
+//   signIn            "hint" (default: no form, see below) or "form": a sign-in page whose
+//                     form posts a username and a password, checked against a scrypt hash
+//                     made at start with the parameters the scrypt paper gives for interactive
+//                     logins (N=2^14, r=8, p=1), as a real IdP's sign-in costs CPU; every
+//                     account's password is "<username>-password"
 //
-// Interaction: there are no HTML forms. The interaction route logs in the account named by the
+// Interaction ("hint"): there are no HTML forms. The interaction route logs in the account named by the
 // authorization request's `login_hint` (default "alice") and grants whatever consent is asked, so
 // a cookie-keeping HTTP client that just follows redirects ends up at the redirect_uri. Special
 // hints: "deny" answers error=access_denied, "error:CODE" answers error=CODE; an unknown user
-// answers access_denied.
+// answers access_denied. With "form", the login prompt is that page instead (a wrong password
+// shows it again with 401); consent is granted as with "hint".
 
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { generateKeyPairSync, randomBytes, scrypt, scryptSync, timingSafeEqual } from 'node:crypto';
 import { createServer } from 'node:http';
 import process from 'node:process';
 
@@ -111,6 +117,58 @@ function normalisePrefix(prefix) {
   return prefix.replace(/\/+$/, '');
 }
 
+// The scrypt paper's parameters for interactive logins (Node's defaults too).
+const SCRYPT = { N: 16384, r: 8, p: 1 };
+
+function passwordHashes(accounts) {
+  const hashes = new Map();
+  for (const username of Object.keys(accounts)) {
+    const salt = randomBytes(16);
+    hashes.set(username, { salt, hash: scryptSync(`${username}-password`, salt, 32, SCRYPT) });
+  }
+  return hashes;
+}
+
+function checkPassword(hashes, username, password) {
+  const stored = hashes.get(username);
+  // An unknown user costs the same as a known one.
+  const { salt, hash } = stored ?? { salt: randomBytes(16), hash: randomBytes(32) };
+  return new Promise((resolve, reject) => {
+    scrypt(String(password), salt, 32, SCRYPT, (err, derived) => {
+      if (err) reject(err);
+      else resolve(Boolean(stored) && timingSafeEqual(derived, hash));
+    });
+  });
+}
+
+function readForm(req) {
+  return new Promise((resolve, reject) => {
+    let body = '';
+    req.setEncoding('utf8');
+    req.on('data', (chunk) => {
+      body += chunk;
+      if (body.length > 16384) reject(new Error('form too large'));
+    });
+    req.on('end', () => resolve(new URLSearchParams(body)));
+    req.on('error', reject);
+  });
+}
+
+const escapeHtml = (value) => String(value).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+function signInPage(res, action, status, message) {
+  res.statusCode = status;
+  res.setHeader('Content-Type', 'text/html; charset=utf-8');
+  res.setHeader('Cache-Control', 'no-store');
+  res.end(`<!doctype html><html><head><meta charset="utf-8"><title>Sign in</title></head><body>
+<h1>Sign in to the test IdP</h1>${message ? `<p role="alert">${escapeHtml(message)}</p>` : ''}
+<form method="post" action="${escapeHtml(action)}">
+<label>Username <input name="username" autocomplete="username" required></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<button type="submit">Sign in</button>
+</form></body></html>`);
+}
+
 function clientMetadata(client) {
   if (!client || typeof client.client_id !== 'string') {
     throw new Error('every client needs a client_id');
@@ -156,6 +214,9 @@ async function main() {
   const ttl = { accessToken: 3600, idToken: 3600, refreshToken: 86400, ...(options.ttl ?? {}) };
   const pkceRequired = options.pkceRequired ?? true;
   const conform = (options.idTokenClaims ?? 'conform') === 'conform';
+  const signIn = options.signIn ?? 'hint';
+  if (!['hint', 'form'].includes(signIn)) throw new Error('signIn must be "hint" or "form"');
+  const hashes = signIn === 'form' ? passwordHashes(accounts) : null;
 
   // Bind first: the issuer must carry the real port.
   const server = createServer();
@@ -222,9 +283,25 @@ async function main() {
   const callback = provider.callback();
   const interactionPath = new RegExp(`^${prefix.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}/interaction/([^/?]+)/?(?:\\?.*)?$`);
 
-  async function interact(req, res) {
+  async function interact(req, res, submitted) {
     const interaction = await provider.interactionDetails(req, res);
     const { prompt, params } = interaction;
+    if (prompt.name === 'login' && hashes) {
+      const action = `${prefix}/interaction/${interaction.uid}/login`;
+      if (!submitted) {
+        signInPage(res, action, 200, '');
+        return;
+      }
+      const form = await readForm(req);
+      const username = form.get('username') ?? '';
+      if (!(await checkPassword(hashes, username, form.get('password') ?? ''))) {
+        signInPage(res, action, 401, 'Wrong username or password.');
+        return;
+      }
+      const result = { login: { accountId: accounts[username].sub } };
+      await provider.interactionFinished(req, res, result, { mergeWithLastSubmission: false });
+      return;
+    }
     if (prompt.name === 'login') {
       const hint = typeof params.login_hint === 'string' && params.login_hint ? params.login_hint : 'alice';
       let result;
@@ -250,10 +327,13 @@ async function main() {
     res.end(JSON.stringify({ error: 'unsupported_prompt', prompt: prompt.name }));
   }
 
+  const submitPath = new RegExp(`^${prefix.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}/interaction/([^/?]+)/login$`);
+
   server.on('request', (req, res) => {
     const url = req.url ?? '/';
-    if (interactionPath.test(url)) {
-      interact(req, res).catch((err) => {
+    const submitted = req.method === 'POST' && submitPath.test(url);
+    if (submitted || interactionPath.test(url)) {
+      interact(req, res, submitted).catch((err) => {
         log('interaction failed', err);
         if (!res.headersSent) {
           res.statusCode = 400;

@@ -45,8 +45,10 @@ from tests.idp_server import (
     FakeOP,
     RunningIdP,
     UpstreamLogin,
+    browse_to_redirect_uri,
     idp_or_skip,
     new_login_request,
+    submit_sign_in,
 )
 
 Login = Callable[..., UpstreamLogin]
@@ -580,3 +582,32 @@ def test_fake_op_userinfo_refusal_fails_the_login(fake_op: FakeOP, http: httpx.C
     with pytest.raises(LoginFailed) as caught:
         redeem(fake_op, http, fake_op.sign())
     assert caught.value.reason == "userinfo_failed"
+
+
+def test_an_idp_with_a_sign_in_form(http: httpx.Client) -> None:
+    """The test IdP as the login benchmark runs it (``signIn: "form"``): a sign-in page whose
+    password is checked against a scrypt hash; a wrong one shows the page again with 401, and
+    the right one signs the user in."""
+    with idp_or_skip(DEFAULT_CLIENTS, options={"signIn": "form"}) as idp:
+        provider = make_provider(idp.issuer)
+        request = new_login_request()
+        url = provider.login_url(request, http)
+        assert isinstance(url, str)
+        with httpx.Client(follow_redirects=True, timeout=10) as browser:
+            page = browser.get(url)
+            assert page.status_code == 200 and 'type="password"' in page.text
+            wrong = submit_sign_in(browser, str(page.url), page.text, "alice", "not-her-password")
+            assert wrong.status_code == 401 and "Wrong username or password" in wrong.text
+            nobody = submit_sign_in(browser, str(page.url), page.text, "mallory", "x")
+            assert nobody.status_code == 401
+        # Without a password there is no way through: the form is where the browser stays.
+        with pytest.raises(AssertionError, match="answered 200"):
+            browse_to_redirect_uri(url)
+        params = browse_to_redirect_uri(
+            provider.login_url(request, http), sign_in=("alice", "alice-password")
+        )
+        assert params["state"] == request.state
+        result = provider.handle_callback(
+            UpstreamLogin(request=request, url=url, params=params).callback(), http
+        )
+        assert result.identity.subject == ALICE_SUB
