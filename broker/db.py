@@ -21,9 +21,11 @@ import select
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Json
 from sqlalchemy import DateTime, MetaData, create_engine, event
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -40,6 +42,7 @@ NAMING_CONVENTION = {
 
 
 READ_ONLY = "broker_read_only"
+_T = TypeVar("_T")
 
 
 class Base(DeclarativeBase):
@@ -184,13 +187,100 @@ def first_read(
     pool's older connections), run it once more on a fresh one. Nothing was written yet, so
     the retry cannot write twice."""
     connect = connection or session.connection
+    return _retried(session, lambda: connect().execute(statement, params))
+
+
+def first_rows(
+    session: Session,
+    statement: DriverStatement,
+    params: Mapping[str, Any],
+    connection: Callable[[], Connection] | None = None,
+) -> list[DriverRow]:
+    """:func:`first_read` of a :class:`DriverStatement`."""
+    connect = connection or session.connection
+    return _retried(session, lambda: statement.rows(connect(), params))
+
+
+def _retried(session: Session, run: Callable[[], _T]) -> _T:
     try:
-        return connect().execute(statement, params)
+        return run()
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
         session.rollback()
-        return connect().execute(statement, params)
+        return run()
+
+
+class DriverRow:
+    """A result row of :class:`DriverStatement`: its columns by label, as attributes and in
+    ``_mapping`` (as a SQLAlchemy ``Row`` offers them)."""
+
+    __slots__ = ("_mapping",)
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._mapping[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class DriverStatement:
+    """A Core statement compiled once for PostgreSQL and run on the psycopg cursor of a
+    SQLAlchemy connection, for the token endpoint's hot path: there SQLAlchemy's work per
+    execution (the compiled-cache lookup, an execution context, the result's metadata and
+    processors) cost more CPU than the statement's own round trip. What SQLAlchemy's types would
+    do is done here: ``json`` parameters are wrapped for the driver, datetimes come back in UTC.
+    A driver error is raised as SQLAlchemy's (``DBAPIError`` and its subclasses, parameters
+    hidden), and a lost connection is invalidated first, as SQLAlchemy does, so that
+    :func:`first_rows` retries and the app's handler answers 503 as for any statement. The
+    engine's ``before_cursor_execute`` and ``after_cursor_execute`` listeners see the
+    statement as they see any other."""
+
+    def __init__(
+        self, statement: Any, engine: Engine, *, json_params: tuple[str, ...] = ()
+    ) -> None:
+        self.dialect = engine.dialect
+        self.sql = str(statement.compile(dialect=self.dialect))
+        self.json_params = json_params
+
+    def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
+        values = dict(params)
+        for name in self.json_params:
+            values[name] = Json(values[name])
+        proxied = connection.connection
+        driver = proxied.driver_connection
+        assert driver is not None
+        try:
+            with driver.cursor(row_factory=dict_row) as cursor:
+                # SQLAlchemy's cursor events, for whatever observes the engine's statements.
+                dispatch = connection.dispatch
+                dispatch.before_cursor_execute(connection, cursor, self.sql, values, None, False)
+                cursor.execute(self.sql, values)
+                found = cursor.fetchall() if cursor.description is not None else []
+                dispatch.after_cursor_execute(connection, cursor, self.sql, values, None, False)
+        except psycopg.Error as exc:
+            lost = self.dialect.is_disconnect(cast(Any, exc), proxied, None)
+            if lost:
+                connection.invalidate(exc)
+            raise DBAPIError.instance(
+                self.sql,
+                None,
+                exc,
+                psycopg.Error,
+                hide_parameters=True,
+                connection_invalidated=lost,
+                dialect=self.dialect,
+            ) from exc
+        return [DriverRow({k: _utc(v) for k, v in row.items()}) for row in found]
+
+
+def _utc(value: Any) -> Any:
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.UTC)
+    return value
 
 
 def rows_affected(session: Session, statement: Any) -> int:

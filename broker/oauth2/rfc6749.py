@@ -30,6 +30,7 @@ from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from sqlalchemy import (
     Connection,
+    Engine,
     Row,
     String,
     Table,
@@ -47,7 +48,7 @@ from providers.contract import Identity as UpstreamIdentity
 
 from .. import audit, policy
 from ..crypto import token_hash
-from ..db import UTCDateTime, first_read, utcnow
+from ..db import DriverStatement, UTCDateTime, first_read, first_rows, utcnow
 from ..models import AuthorizationCode, Client, Grant, Identity, RefreshToken, User
 from .errors import InvalidTargetError
 from .rfc8707 import resolve_resource
@@ -360,6 +361,34 @@ REDEEM_ONCE_WITHOUT_REFRESH = select(_redemption_event.c.id).add_cte(
 )
 
 
+class HotStatements:
+    """The token endpoint's statements on PostgreSQL, compiled once for the server's engine
+    and run on the driver's cursor (:class:`broker.db.DriverStatement`): the reads of a code
+    or refresh token and the one-statement writes."""
+
+    def __init__(self, engine: Engine) -> None:
+        events = ("event_details",)
+        self._by_statement = {
+            id(statement): DriverStatement(statement, engine, json_params=json)
+            for statement, json in (
+                (_REFRESH_READ, ()),
+                (_CODE_READ, ()),
+                (ROTATE_ONCE, events),
+                (REDEEM_ONCE, events),
+                (REDEEM_ONCE_WITHOUT_REFRESH, events),
+            )
+        }
+
+    def of(self, statement: Any) -> DriverStatement | None:
+        return self._by_statement.get(id(statement))
+
+    def write(self, connection: Connection, statement: Any, params: Mapping[str, Any]) -> Any:
+        """Run one of the writes; the audit event's id, or ``None`` when the claim was lost."""
+        driver = self._by_statement[id(statement)]
+        rows = driver.rows(connection, params)
+        return rows[0].id if rows else None
+
+
 def _grant(row: Row[Any]) -> GrantRow:
     identity = None
     if row.identity_id is not None:
@@ -390,7 +419,7 @@ def _client(row: Row[Any]) -> Client | None:
     return cast(Client, SimpleNamespace(**{**_CLIENT_CLOSED, **read}))
 
 
-def _read_presented(grant: Any, field: str, statement: Any, client_id: str) -> Row[Any] | None:
+def _read_presented(grant: Any, field: str, statement: Any, client_id: str) -> Any:
     """The first statement of a token request: the code or refresh token in the form ``field``,
     joined with its grant and the client named by the row's ``client_id`` column, which is kept
     for client authentication."""
@@ -399,9 +428,14 @@ def _read_presented(grant: Any, field: str, statement: Any, client_id: str) -> R
         return None
     server = grant.server
     state = server.state()
-    row: Row[Any] | None = first_read(
-        state.session, statement, {"digest": token_hash(presented)}, state.connection
-    ).first()
+    params = {"digest": token_hash(presented)}
+    row: Any
+    driver = server.hot.of(statement) if server.hot is not None else None
+    if driver is not None:
+        rows = first_rows(state.session, driver, params, state.connection)
+        row = rows[0] if rows else None
+    else:
+        row = first_read(state.session, statement, params, state.connection).first()
     if row is not None:
         server.keep_client(row._mapping[client_id], _client(row), live_grant=row.revoked_at is None)
     return row
@@ -577,7 +611,8 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         )
         connection = state.connection()
         claim = {"digest": code.code_hash, "now": now}
-        if server.db.is_sqlite:
+        hot = server.hot
+        if hot is None:  # SQLite
             won = bool(connection.execute(_CODE_CLAIM, claim).rowcount)
             if won:
                 if plaintext:
@@ -585,9 +620,9 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
                 audit.write_values(state.session, entry, connection=connection)
         else:
             statement = REDEEM_ONCE if plaintext else REDEEM_ONCE_WITHOUT_REFRESH
-            event_id = connection.execute(
-                statement, {**new, **claim, **audit.when_params(entry)}
-            ).scalar()
+            event_id = hot.write(
+                connection, statement, {**new, **claim, **audit.when_params(entry)}
+            )
             won = event_id is not None
             if won:
                 audit.written(state.session, entry, event_id)
@@ -758,16 +793,15 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
             address=state.address,
             details={"grant": grant.id, "scope": token.get("scope", "")},
         )
-        if server.db.is_sqlite:
+        hot = server.hot
+        if hot is None:  # SQLite
             rotated = connection.execute(_ROTATE, rotation).scalars()
             won = credential.token_hash in set(rotated)
             if won:
                 _insert_refresh_token(connection, rotation, parent_hash=credential.token_hash)
                 audit.write_values(session, entry, connection=connection)
         else:
-            event_id = connection.execute(
-                ROTATE_ONCE, {**rotation, **audit.when_params(entry)}
-            ).scalar()
+            event_id = hot.write(connection, ROTATE_ONCE, {**rotation, **audit.when_params(entry)})
             won = event_id is not None
             if won:
                 audit.written(session, entry, event_id)
