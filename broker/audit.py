@@ -2,9 +2,11 @@
 
 :func:`record` adds an ``audit_events`` row to the caller's transaction; once that transaction
 commits, the same event is written as one JSON line on the ``broker.audit`` logger (a refused,
-rolled-back request leaves neither). :func:`write` is the same for the token endpoint's hot path:
-one Core ``INSERT`` at once instead of an ORM row flushed with the unit of work. Events never
-carry tokens, codes or secrets: only ids, outcomes, reasons and the details the caller names.
+rolled-back request leaves neither). :func:`write_values` is the same for the token endpoint's
+hot path: one Core ``INSERT`` at once instead of an ORM row flushed with the unit of work; on
+PostgreSQL the token endpoint writes the event in the same statement as what it records
+(:func:`insert_when`) and hands it to :func:`written`. Events never carry tokens, codes or
+secrets: only ids, outcomes, reasons and the details the caller names.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def values(
     address: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One event's columns, for :func:`write` and for :func:`insert_when`'s parameters."""
+    """One event's columns, for :func:`write_values` and for :func:`insert_when`'s
+    parameters."""
     return {
         "at": at or utcnow(),
         "type": type,
@@ -113,37 +116,13 @@ def values(
     }
 
 
-def write(
-    session: Session,
-    type: str,
-    outcome: str,
-    *,
-    user_id: str | None = None,
-    client_id: str | None = None,
-    resource: str | None = None,
-    address: str | None = None,
-    details: dict[str, Any] | None = None,
-    connection: Connection | None = None,
-) -> None:
-    """:func:`record` with one Core ``INSERT`` on ``session``'s connection (``connection``, when
-    the caller holds it), executed now, logged once the transaction commits. Not inside a
-    savepoint: its rollback would not take the line back."""
-    entry = values(
-        type,
-        outcome,
-        user_id=user_id,
-        client_id=client_id,
-        resource=resource,
-        address=address,
-        details=details,
-    )
-    write_values(session, entry, connection=connection)
-
-
 def write_values(
     session: Session, entry: dict[str, Any], *, connection: Connection | None = None
 ) -> None:
-    """:func:`write` of an event's :func:`values`."""
+    """:func:`record` for the token endpoint's hot path: the event's :func:`values` in one Core
+    ``INSERT`` on ``session``'s connection (``connection``, when the caller holds it), executed
+    now, logged once the transaction commits. Not inside a savepoint: its rollback would not
+    take the line back."""
     assert not session.in_nested_transaction()
     result = (connection or session.connection()).execute(_INSERT, entry)
     inserted = result.inserted_primary_key
@@ -218,7 +197,7 @@ def _log_committed(session: Session) -> None:
 
 
 def _line(values: dict[str, Any]) -> dict[str, Any]:
-    """:func:`as_dict` of an event :func:`write` inserted."""
+    """:func:`as_dict` of an event :func:`write_values` or :func:`insert_when` inserted."""
     return {**values, "at": values["at"].isoformat()}
 
 

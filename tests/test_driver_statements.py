@@ -16,21 +16,9 @@ from sqlalchemy.exc import DataError
 from broker.db import DriverStatement
 from broker.oauth2 import rfc6749
 from broker.oauth2.rfc6749 import REDEEM_ONCE
-from tests.support import authorize_params, pkce, query, redeem, sign_in_local
+from tests.test_database_reconnect import _signed_in
 
 POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-
-
-def _refresh_token(app: Flask) -> str:
-    client = app.test_client()
-    client_id = client.post(
-        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
-    ).json["client_id"]
-    verifier, challenge = pkce()
-    done = sign_in_local(client, authorize_params(client_id, challenge))
-    tokens = redeem(client, client_id, query(done.headers["Location"])["code"], verifier)
-    assert tokens.status_code == 200, tokens.json
-    return str(tokens.json["refresh_token"])
 
 
 @POSTGRESQL
@@ -40,7 +28,7 @@ def test_rows_come_back_in_utc_whatever_the_session_time_zone(
     from broker.crypto import token_hash
 
     app = make_app()
-    token = _refresh_token(app)
+    _, _, token = _signed_in(app)
     engine = app.extensions["broker"].db.engine
     read = DriverStatement(rfc6749._REFRESH_READ, engine)
     seen: list[str] = []

@@ -23,6 +23,7 @@ from sqlalchemy import event, select
 
 from broker.models import Grant
 from tests.support import (
+    RESOURCE,
     authorize_params,
     free_port,
     pkce,
@@ -59,20 +60,51 @@ def _waiting_behind(watcher: psycopg.Connection[Any], holder: int) -> int:
         behind |= more
 
 
+def _signed_in(app: Flask) -> tuple[Any, str, str, str]:
+    """A test client, a registered client's id, and an authorization code with its verifier."""
+    client = app.test_client()
+    client_id = client.post(
+        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
+    ).json["client_id"]
+    verifier, challenge = pkce()
+    done = sign_in_local(client, authorize_params(client_id, challenge))
+    return client, client_id, query(done.headers["Location"])["code"], verifier
+
+
+def _race(
+    app: Flask, database_url: str, lock: str, digest: str, data: dict[str, str]
+) -> list[httpx.Response]:
+    """``PARALLEL`` token requests with ``data``, all of them let go at once: another
+    connection holds the row lock that ``lock`` (a ``SELECT ... FOR UPDATE`` of the row whose
+    hash is ``digest``) takes until every request has read the row and waits to write it."""
+    with (
+        serve_wsgi(app, free_port()) as base,
+        _connect(database_url) as locker,
+        _connect(database_url, autocommit=True) as watcher,
+        ThreadPoolExecutor(PARALLEL) as pool,
+    ):
+        locker.execute(lock, (digest,))
+        answers = [
+            pool.submit(httpx.post, f"{base}/token", data=data, timeout=30) for _ in range(PARALLEL)
+        ]
+        deadline = time.monotonic() + 20
+        while True:  # every request has read the row and waits to claim it
+            waiting = _waiting_behind(watcher, locker.info.backend_pid)
+            if waiting == PARALLEL:
+                break
+            assert time.monotonic() < deadline, f"{waiting} requests wait for the lock"
+            time.sleep(0.05)
+        locker.rollback()
+        return [answer.result() for answer in answers]
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_refreshes_that_all_read_the_token_unused_get_one_successor(
     database_url: str, make_app: Callable[..., Flask]
 ) -> None:
     app = make_app()
-    client = app.test_client()
-    registered = client.post(
-        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
-    ).json
-    verifier, challenge = pkce()
-    done = sign_in_local(client, authorize_params(registered["client_id"], challenge))
-    first = redeem(
-        client, registered["client_id"], query(done.headers["Location"])["code"], verifier
-    ).json
+    client, client_id, code, verifier = _signed_in(app)
+    first = redeem(client, client_id, code, verifier).json
     token = first["refresh_token"]
     digest = hashlib.sha256(token.encode()).hexdigest()
 
@@ -86,31 +118,13 @@ def test_refreshes_that_all_read_the_token_unused_get_one_successor(
 
     engine = app.extensions["broker"].db.engine
     event.listen(engine, "before_cursor_execute", count)
-    port = free_port()
     data = {
         "grant_type": "refresh_token",
         "refresh_token": token,
-        "client_id": registered["client_id"],
+        "client_id": client_id,
     }
-    with (
-        serve_wsgi(app, port) as base,
-        _connect(database_url) as locker,
-        _connect(database_url, autocommit=True) as watcher,
-        ThreadPoolExecutor(PARALLEL) as pool,
-    ):
-        locker.execute("SELECT 1 FROM refresh_tokens WHERE token_hash = %s FOR UPDATE", (digest,))
-        answers = [
-            pool.submit(httpx.post, f"{base}/token", data=data, timeout=30) for _ in range(PARALLEL)
-        ]
-        deadline = time.monotonic() + 20
-        while True:  # every refresh has read the token and waits to claim it
-            waiting = _waiting_behind(watcher, locker.info.backend_pid)
-            if waiting == PARALLEL:
-                break
-            assert time.monotonic() < deadline, f"{waiting} refreshes wait for the lock"
-            time.sleep(0.05)
-        locker.rollback()
-        responses = [answer.result() for answer in answers]
+    lock = "SELECT 1 FROM refresh_tokens WHERE token_hash = %s FOR UPDATE"
+    responses = _race(app, database_url, lock, digest, data)
     event.remove(engine, "before_cursor_execute", count)
 
     assert [r.status_code for r in responses] == [200] * PARALLEL, [r.text for r in responses]
@@ -133,44 +147,18 @@ def test_redemptions_that_all_read_the_code_unused_give_tokens_once(
     refused, and, a code used twice, the grant it produced is revoked (RFC 6749 section
     4.1.2), its refresh token with it."""
     app = make_app()
-    client = app.test_client()
-    registered = client.post(
-        "/register", json={"redirect_uris": ["http://127.0.0.1/callback"]}
-    ).json
-    verifier, challenge = pkce()
-    done = sign_in_local(client, authorize_params(registered["client_id"], challenge))
-    code = query(done.headers["Location"])["code"]
+    client, client_id, code, verifier = _signed_in(app)
     digest = hashlib.sha256(code.encode()).hexdigest()
     data = {
         "grant_type": "authorization_code",
         "code": code,
-        "client_id": registered["client_id"],
+        "client_id": client_id,
         "redirect_uri": "http://127.0.0.1:5555/callback",
         "code_verifier": verifier,
-        "resource": authorize_params("x", "x")["resource"],
+        "resource": RESOURCE,
     }
-    port = free_port()
-    with (
-        serve_wsgi(app, port) as base,
-        _connect(database_url) as locker,
-        _connect(database_url, autocommit=True) as watcher,
-        ThreadPoolExecutor(PARALLEL) as pool,
-    ):
-        locker.execute(
-            "SELECT 1 FROM authorization_codes WHERE code_hash = %s FOR UPDATE", (digest,)
-        )
-        answers = [
-            pool.submit(httpx.post, f"{base}/token", data=data, timeout=30) for _ in range(PARALLEL)
-        ]
-        deadline = time.monotonic() + 20
-        while True:
-            waiting = _waiting_behind(watcher, locker.info.backend_pid)
-            if waiting == PARALLEL:
-                break
-            assert time.monotonic() < deadline, f"{waiting} redemptions wait for the lock"
-            time.sleep(0.05)
-        locker.rollback()
-        responses = [answer.result() for answer in answers]
+    lock = "SELECT 1 FROM authorization_codes WHERE code_hash = %s FOR UPDATE"
+    responses = _race(app, database_url, lock, digest, data)
 
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] + [400] * (PARALLEL - 1), [r.text for r in responses]
@@ -181,7 +169,7 @@ def test_redemptions_that_all_read_the_code_unused_give_tokens_once(
         data={
             "grant_type": "refresh_token",
             "refresh_token": won["refresh_token"],
-            "client_id": registered["client_id"],
+            "client_id": client_id,
         },
     )
     assert after.status_code == 400 and after.json["error"] == "invalid_grant"
