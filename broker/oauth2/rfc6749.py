@@ -9,13 +9,15 @@ refresh twice in parallel.
 Storage is the token endpoint's hot path, so it is SQLAlchemy Core with statements built once.
 Each grant first reads everything it decides on in one statement: the presented code or refresh
 token joined with its grant, the grant's user and identity, and the client (so authenticating the
-client costs no statement of its own, see ``BrokerAuthorizationServer.keep_client``). It then
-writes in the request's one transaction: a conditional ``UPDATE ... WHERE used_at IS NULL`` whose
-row count decides, across workers and hosts sharing the database, which request uses the code or
-token (a refresh that loses reads the winner's successor for the grace window), the new refresh
-token, and the audit event. A rotation is four statements (read; claim, which also links the
-successor and drops the parent's kept successor; insert the successor; audit), and so is a
-redemption (read; claim; insert the refresh token; audit).
+client costs no statement of its own, see ``BrokerAuthorizationServer.keep_client``). Once the
+whole request is valid it writes, together: a conditional ``UPDATE ... WHERE used_at IS NULL``
+whose outcome decides, across workers and hosts sharing the database, which request uses the
+code or token (a refresh that loses reads the winner's successor for the grace window), the new
+refresh token, and the audit event. On SQLite these are three statements in the request's one
+transaction (a rotation's claim also links the successor and drops the parent's kept
+successor); on PostgreSQL they are one statement (``ROTATE_ONCE``, ``REDEEM_ONCE``: data-modifying
+``WITH`` queries), run outside a transaction block on the driver's cursor (``HotStatements``),
+so a grant is two round trips.
 """
 
 from __future__ import annotations
