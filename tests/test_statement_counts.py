@@ -158,3 +158,27 @@ def test_the_token_endpoint_copy_of_a_client_names_every_attribute() -> None:
     every other attribute of the model must be given a value that allows nothing."""
     attributes = {attribute.key for attribute in inspect(Client).column_attrs}
     assert set(rfc6749._TOKEN_CLIENT) | set(rfc6749._CLIENT_CLOSED) == attributes
+
+
+def test_no_parameter_of_the_token_writes_is_named_after_a_column() -> None:
+    """SQLAlchemy puts a parameter named after a column of an UPDATE's table into its SET
+    clause: a rotation given a "scope" would have set every claimed row's scope. The writes'
+    parameters (the successor's, the claim's, the audit event's) name no column of the tables
+    the claims update."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from broker import audit
+    from broker.models import AuthorizationCode, RefreshToken
+
+    tokens = SimpleNamespace(refresh_ttl=60, refresh_idle_ttl=30)
+    grant = SimpleNamespace(id="g", scope="s")
+    now = dt.datetime.now(dt.UTC)
+    new = rfc6749._new_token(
+        SimpleNamespace(tokens=tokens), digest="d", grant=grant, now=now, family_expires=None
+    )
+    params = {*new, "digest", "parent", "sealed", "now"}
+    params |= set(audit.when_params(audit.values("refresh", "success")))
+    for model in (RefreshToken, AuthorizationCode):
+        columns = {column.key for column in inspect(model).columns}
+        assert not params & columns, (model.__tablename__, params & columns)
