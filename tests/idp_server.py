@@ -15,7 +15,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -37,8 +39,13 @@ if TYPE_CHECKING:
 
 IDP_DIR = Path(__file__).resolve().parent / "idp"
 SERVER_SCRIPT = IDP_DIR / "server.mjs"
-START_TIMEOUT = 90.0
+START_TIMEOUT = 45.0
 """Node loads oidc-provider in about a second, but a loaded 2-core machine has taken over 30."""
+START_ATTEMPTS = 3
+"""Starts tried before giving up: twice in one full run the IdP hung before listening for over
+90 s (its log ends with oidc-provider's import), while the same start took a second before and
+after; a start that does not listen is stopped, its Node diagnostic report (stacks) printed,
+and the IdP started again."""
 
 # The broker's client at the test IdP. The redirect_uri is never fetched (nothing listens on
 # port 1): the browser stops when the IdP redirects there.
@@ -148,25 +155,75 @@ def start_idp(
 
     env = {key: value for key, value in os.environ.items() if key != "IDP_PORT"}
     with ExitStack() as stack:
-        stdout = stack.enter_context(tempfile.TemporaryFile())
-        log = stack.enter_context(tempfile.NamedTemporaryFile(prefix="idp-", suffix=".log"))
-        process = subprocess.Popen(
-            [node, str(SERVER_SCRIPT), json.dumps(server_options)],
-            cwd=IDP_DIR,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=log,
-            env=env,
-        )
-        idp = RunningIdP(issuer="", port=0, discovery_url="", process=process, log_path=log.name)
-        stack.callback(idp.stop)
-        info = _wait_for_listening(process, stdout, idp)
+        reports = stack.enter_context(tempfile.TemporaryDirectory(prefix="idp-report-"))
+        command = [
+            node,
+            "--report-on-signal",
+            "--report-signal=SIGUSR2",
+            f"--report-directory={reports}",
+            str(SERVER_SCRIPT),
+            json.dumps(server_options),
+        ]
+        for attempt in range(1, START_ATTEMPTS + 1):
+            stdout = stack.enter_context(tempfile.TemporaryFile())
+            log = stack.enter_context(tempfile.NamedTemporaryFile(prefix="idp-", suffix=".log"))
+            process = subprocess.Popen(
+                command, cwd=IDP_DIR, stdin=subprocess.DEVNULL, stdout=stdout, stderr=log, env=env
+            )
+            idp = RunningIdP(
+                issuer="", port=0, discovery_url="", process=process, log_path=log.name
+            )
+            stack.callback(idp.stop)
+            try:
+                info = _wait_for_listening(process, stdout, idp)
+                break
+            except _NotListening as exc:
+                where = _stuck_at(process, Path(reports))
+                idp.stop()
+                if attempt == START_ATTEMPTS:
+                    raise RuntimeError(f"{exc}\nstuck at: {where}") from None
+                print(
+                    f"tests/idp_server.py: the test IdP did not listen within {START_TIMEOUT:.0f} s"
+                    f" (attempt {attempt} of {START_ATTEMPTS}), stuck at: {where}; "
+                    "starting it again",
+                    file=sys.stderr,
+                    flush=True,
+                )
         idp.issuer, idp.port, idp.discovery_url = (
             info["issuer"],
             int(info["port"]),
             info["discovery"],
         )
         yield idp
+
+
+class _NotListening(RuntimeError):
+    """The IdP is running but has not said where it listens."""
+
+
+def _stuck_at(process: subprocess.Popen[bytes], reports: Path) -> str:
+    """Where a running Node process is: the top of the JavaScript and native stacks of the
+    diagnostic report it writes on SIGUSR2 (``--report-on-signal``)."""
+    before = set(reports.glob("*.json"))
+    try:
+        process.send_signal(signal.SIGUSR2)
+    except ProcessLookupError:
+        return "(the process is gone)"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for path in set(reports.glob("*.json")) - before:
+            try:
+                report = json.loads(path.read_text("utf-8", "replace"))
+            except ValueError:  # still being written
+                continue
+            js = report.get("javascriptStack", {}).get("stack", [])[:6]
+            native = [frame.get("symbol", "?") for frame in report.get("nativeStack", [])]
+            # The first frames are the report's own writing.
+            own = [i for i, symbol in enumerate(native) if "report" in symbol.lower()]
+            native = native[own[-1] + 1 :] if own else native
+            return f"JavaScript {js or '(none)'}; native {native[:8]}"
+        time.sleep(0.1)
+    return "(no diagnostic report within 5 s)"
 
 
 def _wait_for_listening(
@@ -182,9 +239,12 @@ def _wait_for_listening(
         if process.poll() is not None:
             break
         time.sleep(0.02)
-    reason = "exited" if process.poll() is not None else f"did not listen within {START_TIMEOUT}s"
     log_tail = idp.log_text()[-2000:]
-    raise RuntimeError(f"the test IdP {reason}; its log:\n{log_tail}")
+    if process.poll() is not None:
+        raise RuntimeError(f"the test IdP exited; its log:\n{log_tail}")
+    raise _NotListening(
+        f"the test IdP did not listen within {START_TIMEOUT}s; its log:\n{log_tail}"
+    )
 
 
 @contextmanager
