@@ -116,7 +116,9 @@ def sign_in_local(
     )
 
 
-def redeem(client: Any, client_id: str, code: str, verifier: str, **extra: str) -> Any:
+def redemption(client_id: str, code: str, verifier: str, **extra: str) -> dict[str, str]:
+    """The token request's form that redeems ``code`` (``extra`` changes or, as ``None``, drops
+    a field)."""
     data = {
         "grant_type": "authorization_code",
         "code": code,
@@ -126,7 +128,11 @@ def redeem(client: Any, client_id: str, code: str, verifier: str, **extra: str) 
         "resource": RESOURCE,
     }
     data.update(extra)
-    return client.post("/token", data={k: v for k, v in data.items() if v is not None})
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def redeem(client: Any, client_id: str, code: str, verifier: str, **extra: str) -> Any:
+    return client.post("/token", data=redemption(client_id, code, verifier, **extra))
 
 
 def open_consent(client: Any, client_id: str | None = None, **extra: str) -> Any:

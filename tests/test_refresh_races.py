@@ -23,12 +23,12 @@ from sqlalchemy import event, select
 
 from broker.models import Grant
 from tests.support import (
-    RESOURCE,
     authorize_params,
     free_port,
     pkce,
     query,
     redeem,
+    redemption,
     serve_wsgi,
     sign_in_local,
 )
@@ -149,14 +149,7 @@ def test_redemptions_that_all_read_the_code_unused_give_tokens_once(
     app = make_app()
     client, client_id, code, verifier = _signed_in(app)
     digest = hashlib.sha256(code.encode()).hexdigest()
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "client_id": client_id,
-        "redirect_uri": "http://127.0.0.1:5555/callback",
-        "code_verifier": verifier,
-        "resource": RESOURCE,
-    }
+    data = redemption(client_id, code, verifier)
     lock = "SELECT 1 FROM authorization_codes WHERE code_hash = %s FOR UPDATE"
     responses = _race(app, database_url, lock, digest, data)
 
