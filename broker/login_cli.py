@@ -205,6 +205,9 @@ class Answer:
     status: int
     title: str
     message: str
+    settles: bool = False
+    """This answer ends the login: the waiting command goes on once the page is sent (before,
+    it could exit while the browser still waited for the page)."""
 
 
 class LoopbackReceiver:
@@ -278,14 +281,20 @@ class LoopbackReceiver:
                     409, "Already done", "This sign-in is already over; you can close this window."
                 )
             self._outcome = outcome
-        self._done.set()
         if isinstance(outcome, LoginFailed):
             return Answer(
                 200,
                 "Sign-in did not complete",
                 "The terminal says why. You can close this window.",
+                settles=True,
             )
-        return Answer(200, "Signed in", "You can close this window and return to the terminal.")
+        return Answer(
+            200, "Signed in", "You can close this window and return to the terminal.", settles=True
+        )
+
+    def settle(self) -> None:
+        """The page of the answer that ended the login is sent: :meth:`wait` returns."""
+        self._done.set()
 
     def _judge(self, params: dict[str, str]) -> str | LoginFailed:
         """The code, or why the response is refused (RFC 9207 section 2.4 first: errors too)."""
@@ -325,12 +334,16 @@ class _CallbackHandler(BaseHTTPRequestHandler):
         body = PAGE.format(
             title=html.escape(answer.title), message=html.escape(answer.message)
         ).encode()
-        self.send_response(answer.status)
-        for name, value in PAGE_HEADERS.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(answer.status)
+            for name, value in PAGE_HEADERS.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        finally:
+            if answer.settles:  # also when the browser went away meanwhile
+                self.server.receiver.settle()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silent: the request line holds the authorization code."""
