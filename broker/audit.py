@@ -96,11 +96,14 @@ def values(
     user_id: str | None = None,
     client_id: str | None = None,
     resource: str | None = None,
+    provider: str | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
     address: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One event's columns, for :func:`write_values` and for :func:`insert_when`'s
-    parameters."""
+    parameters (which set no ``provider``, ``actor`` or ``reason``)."""
     return {
         "at": at or utcnow(),
         "type": type,
@@ -108,9 +111,9 @@ def values(
         "user_id": user_id,
         "client_id": client_id,
         "resource": resource,
-        "provider": None,
-        "actor": None,
-        "reason": None,
+        "provider": provider,
+        "actor": actor,
+        "reason": reason[:255] if reason else None,
         "address": address,
         "details": details or {},
     }
@@ -152,6 +155,8 @@ def insert_when(condition: Any, *, prefix: str = "event_") -> Insert:
 
 def when_params(entry: dict[str, Any], prefix: str = "event_") -> dict[str, Any]:
     """The parameters of :func:`insert_when` for ``entry`` (from :func:`values`)."""
+    dropped = [name for name in ("provider", "actor", "reason") if entry.get(name)]
+    assert not dropped, f"insert_when does not write {dropped}"
     return {prefix + name: entry[name] for name in _WHEN_COLUMNS}
 
 

@@ -28,9 +28,10 @@ from urllib.parse import parse_qs, urlsplit
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749.errors import InvalidRequestError
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 from werkzeug.wrappers import Request, Response
 
 from providers.contract import Identity as UpstreamIdentity
@@ -40,7 +41,7 @@ from providers.errors import AccessDenied, LoginFailed, ProviderError, UpstreamU
 from . import audit, policy
 from .config import ResourceSettings, Settings
 from .crypto import Sealer, SealError, new_token, token_hash
-from .db import rows_affected, utcnow
+from .db import UTCDateTime, utcnow
 from .models import (
     BrowserSession,
     Client,
@@ -53,7 +54,7 @@ from .models import (
 )
 from .oauth2.clients import is_loopback_redirect, redirect_digest
 from .oauth2.errors import InvalidTargetError
-from .oauth2.rfc6749 import GrantUser
+from .oauth2.rfc6749 import GrantRow, GrantUser
 from .oauth2.server import BrokerAuthorizationServer
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,101 @@ MAX_STATE = 2048
 MAX_SCOPE = 2048
 IGNORED_SCOPES = policy.IGNORED_SCOPES
 USER_DISABLED = "Your account is disabled on this server. Ask your administrator."
+
+
+def _table(model: Any) -> Table:
+    table: Table = model.__table__
+    return table
+
+
+# A sign-in's finish writes with Core statements built once: as ORM instances the same rows
+# cost a unit of work, autoflushes and instrumented attributes, most of a sign-in's CPU.
+_users = _table(User)
+_identities = _table(Identity)
+_upstream_tokens = _table(UpstreamToken)
+_browser_sessions = _table(BrowserSession)
+_pending_logins = _table(PendingLogin)
+_consents = _table(Consent)
+_grants = _table(Grant)
+_IDENTITY_READ = (
+    select(
+        _identities.c.id,
+        _identities.c.user_id,
+        _identities.c.provider,
+        _identities.c.snapshot,
+        _users.c.disabled_at,
+    )
+    .select_from(_identities.join(_users, _users.c.id == _identities.c.user_id))
+    .where(
+        _identities.c.provider == bindparam("provider"),
+        _identities.c.subject == bindparam("subject"),
+    )
+)
+_IDENTITY_SEEN = (
+    update(_identities)
+    .where(_identities.c.id == bindparam("identity"))
+    .values(snapshot=bindparam("seen"), last_login_at=bindparam("at", type_=UTCDateTime()))
+)
+_IDENTITY_FACTS = (
+    update(_identities)
+    .where(_identities.c.id == bindparam("identity"))
+    .values(snapshot=bindparam("seen"))
+)
+_NEW_USER = insert(_users)
+_NEW_SESSION = insert(_browser_sessions)
+_NEW_GRANT = insert(_grants)
+_CONSENT_READ = select(
+    _consents.c.id, _consents.c.scopes, _consents.c.redirect_digest, _consents.c.revoked_at
+).where(
+    _consents.c.user_id == bindparam("user"),
+    _consents.c.client_id == bindparam("client"),
+    _consents.c.resource == bindparam("resource"),
+)
+_CONSENT_UPDATE = (
+    update(_consents)
+    .where(_consents.c.id == bindparam("consent"))
+    .values(
+        scopes=bindparam("approved", type_=_consents.c.scopes.type),
+        redirect_digest=bindparam("digest"),
+        granted_at=bindparam("at", type_=UTCDateTime()),
+        revoked_at=None,
+    )
+)
+# The claim of a pending login by the request that finishes it (single use), and who signed in.
+_CLAIM = (
+    update(_pending_logins)
+    .where(_pending_logins.c.id == bindparam("pending"), _pending_logins.c.completed_at.is_(None))
+    .values(completed_at=bindparam("at", type_=UTCDateTime()))
+)
+_FINISH_CLAIM = _CLAIM.values(user_id=bindparam("user"), identity_id=bindparam("linked"))
+_SIGNED_IN = (
+    update(_pending_logins)
+    .where(_pending_logins.c.id == bindparam("pending"))
+    .values(user_id=bindparam("user"), identity_id=bindparam("linked"))
+)
+# The upstream's answer consumes the pending login it is bound to (single use), and the
+# upstream secrets it no longer needs go.
+_CONSUME = _CLAIM.where(_pending_logins.c.expires_at > bindparam("at", type_=UTCDateTime())).values(
+    upstream_secrets_sealed=None
+)
+
+
+def _upsert(connection: Connection, table: Table) -> Any:
+    """``INSERT ... ON CONFLICT`` of the connection's dialect (PostgreSQL or SQLite)."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+@dataclass(frozen=True)
+class LinkedIdentity:
+    """An identity as a sign-in reads and links it (Core rows, no ORM instance): what
+    :meth:`AuthorizationFlow.finish` needs of it."""
+
+    id: int
+    user_id: str
+    provider: str
+    snapshot: dict[str, Any]
+    disabled: bool = False
 
 
 class FlowError(Exception):
@@ -592,18 +688,19 @@ class AuthorizationFlow:
     def finish_upstream(
         self,
         session: Session,
-        pending_id: str,
+        consumed: PendingLogin,
         display_name: str,
         answer: LoginResult | ProviderError,
         address: str | None,
     ) -> tuple[str | Denied, str | None]:
-        """The upstream's answer to the login :meth:`consume_upstream_state` consumed: who the
-        user is (:meth:`complete_login`), or why not. The provider's own refusal, or an answer
-        that could not be verified, gets a page (:meth:`provider_refused`); the user saying no
-        at the upstream, an unavailable or failing provider go back to the client
+        """The upstream's answer to the login :meth:`consume_upstream_state` consumed (the
+        row it read, in its own committed transaction): who the user is
+        (:meth:`complete_login`), or why not. The provider's own refusal, or an answer that
+        could not be verified, gets a page (:meth:`provider_refused`); the user saying no at
+        the upstream, an unavailable or failing provider go back to the client
         (:meth:`upstream_failed`). Returns the outcome and the new session cookie value."""
-        pending = session.get(PendingLogin, pending_id)
-        assert pending is not None
+        # Not read again: once consumed, nothing changes a pending login but who signed in.
+        pending = session.merge(consumed, load=False)
         if isinstance(answer, LoginResult):
             return self.complete_login(session, pending, answer, address)
         if isinstance(answer, AccessDenied) and answer.reason == "upstream_denied":
@@ -729,16 +826,7 @@ class AuthorizationFlow:
         now = utcnow()
         # Consumed and its upstream secrets dropped in one statement (the ORM's update of the
         # loaded row would be a second one).
-        won = rows_affected(
-            session,
-            update(PendingLogin)
-            .where(
-                PendingLogin.id == pending.id,
-                PendingLogin.completed_at.is_(None),
-                PendingLogin.expires_at > now,
-            )
-            .values(completed_at=now, upstream_secrets_sealed=None),
-        )
+        won = session.connection().execute(_CONSUME, {"pending": pending.id, "at": now}).rowcount
         if not won:
             raise FlowError(
                 400,
@@ -746,6 +834,8 @@ class AuthorizationFlow:
                 "This sign-in response was already used or has expired. Start again "
                 "from your application.",
             )
+        set_committed_value(pending, "completed_at", now)
+        set_committed_value(pending, "upstream_secrets_sealed", None)
         assert sealed is not None
         try:
             opened = self.sealer.open_text(sealed, f"pending_logins:{pending.id}:upstream")
@@ -788,83 +878,133 @@ class AuthorizationFlow:
         return user is None or user.disabled_at is not None
 
     @staticmethod
-    def _identity_row(session: Session, upstream: UpstreamIdentity) -> Identity | None:
-        return session.scalars(
-            select(Identity).where(
-                Identity.provider == upstream.provider, Identity.subject == upstream.subject
-            )
-        ).first()
+    def _identity_row(session: Session, upstream: UpstreamIdentity) -> LinkedIdentity | None:
+        """The stored identity of ``upstream`` with its user's standing, in one read."""
+        row = (
+            session.connection()
+            .execute(_IDENTITY_READ, {"provider": upstream.provider, "subject": upstream.subject})
+            .first()
+        )
+        if row is None:
+            return None
+        return LinkedIdentity(
+            row.id, row.user_id, row.provider, row.snapshot, row.disabled_at is not None
+        )
 
-    def link_identity(
-        self, session: Session, result: LoginResult, known: Identity | None = None
-    ) -> Identity:
-        """The identity row for this upstream identity (``known``, when the caller read it
-        already), creating the user on first sign-in."""
+    def link_identity(self, session: Session, result: LoginResult) -> LinkedIdentity:
+        """The identity row for this upstream identity, creating the user on first sign-in;
+        its facts are the ones just seen."""
+        return self._link(session, result, self._identity_row(session, result.identity))
+
+    def _link(
+        self, session: Session, result: LoginResult, row: LinkedIdentity | None
+    ) -> LinkedIdentity:
+        """:meth:`link_identity`, given what the caller read of the identity (``None``: it is
+        not stored yet)."""
         upstream: UpstreamIdentity = result.identity
         now = utcnow()
-        row = known if known is not None else self._identity_row(session, upstream)
-        if row is None:
-            try:
-                with session.begin_nested():
-                    user = User(id="usr_" + secrets.token_urlsafe(18), created_at=now)
-                    session.add(user)
-                    session.flush()
-                    row = Identity(
-                        user_id=user.id,
-                        provider=upstream.provider,
-                        subject=upstream.subject,
-                        snapshot=upstream.snapshot(),
-                        created_at=now,
-                        last_login_at=now,
-                    )
-                    session.add(row)
-                    session.flush()
-            except IntegrityError:  # the same identity signed in on another worker just now
-                row = session.scalars(
-                    select(Identity).where(
-                        Identity.provider == upstream.provider, Identity.subject == upstream.subject
-                    )
-                ).one()
-        row.snapshot = upstream.snapshot()
-        row.last_login_at = now
+        connection = session.connection()
+        snapshot = upstream.snapshot()
+        if row is not None:
+            connection.execute(_IDENTITY_SEEN, {"identity": row.id, "seen": snapshot, "at": now})
+            linked = LinkedIdentity(row.id, row.user_id, row.provider, snapshot, row.disabled)
+        else:
+            linked = self._new_identity(connection, upstream, snapshot, now)
         if result.tokens is not None:
-            self._store_upstream_tokens(session, row, result)
-        return row
+            self._store_upstream_tokens(connection, linked, result)
+        return linked
+
+    @staticmethod
+    def _new_identity(
+        connection: Connection, upstream: UpstreamIdentity, snapshot: dict[str, Any], now: Any
+    ) -> LinkedIdentity:
+        """A first sign-in: a new user and its identity. The same identity signing in on
+        another worker at the same moment inserts it first: then that one is linked (its user
+        is the identity's), and the user made here for nothing is removed again."""
+        user_id = "usr_" + secrets.token_urlsafe(18)
+        connection.execute(_NEW_USER, {"id": user_id, "created_at": now})
+        statement = (
+            _upsert(connection, _identities)
+            .values(
+                user_id=user_id,
+                provider=upstream.provider,
+                subject=upstream.subject,
+                snapshot=snapshot,
+                created_at=now,
+                last_login_at=now,
+            )
+            .returning(_identities.c.id, _identities.c.user_id)
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[_identities.c.provider, _identities.c.subject],
+            set_={"snapshot": statement.excluded.snapshot, "last_login_at": now},
+        )
+        row = connection.execute(statement).one()
+        if row.user_id != user_id:
+            connection.execute(_users.delete().where(_users.c.id == user_id))
+            disabled = connection.execute(
+                select(_users.c.disabled_at).where(_users.c.id == row.user_id)
+            ).scalar()
+            return LinkedIdentity(
+                row.id, row.user_id, upstream.provider, snapshot, disabled is not None
+            )
+        return LinkedIdentity(row.id, user_id, upstream.provider, snapshot)
 
     def _store_upstream_tokens(
-        self, session: Session, identity: Identity, result: LoginResult
+        self, connection: Connection, identity: LinkedIdentity, result: LoginResult
     ) -> None:
+        """The upstream's tokens, sealed to this identity's row: one upsert (a sign-in whose
+        upstream gave no new refresh token keeps the stored one)."""
         tokens = result.tokens
         assert tokens is not None
         aad = f"upstream_tokens:{identity.id}"
-        row = session.get(UpstreamToken, identity.id)
-        if row is None:
-            row = UpstreamToken(identity_id=identity.id, provider=identity.provider)
-            session.add(row)
-        row.access_token_sealed = self.sealer.seal_text(tokens.access_token, aad + ":access")
-        row.refresh_token_sealed = (
+        refresh = (
             self.sealer.seal_text(tokens.refresh_token, aad + ":refresh")
             if tokens.refresh_token
-            else row.refresh_token_sealed
+            else None
         )
-        row.expires_at = (
-            dt.datetime.fromtimestamp(tokens.expires_at, dt.UTC) if tokens.expires_at else None
+        statement = _upsert(connection, _upstream_tokens).values(
+            identity_id=identity.id,
+            provider=identity.provider,
+            access_token_sealed=self.sealer.seal_text(tokens.access_token, aad + ":access"),
+            refresh_token_sealed=refresh,
+            expires_at=(
+                dt.datetime.fromtimestamp(tokens.expires_at, dt.UTC) if tokens.expires_at else None
+            ),
+            scope=tokens.scope,
+            context=dict(tokens.context),
+            key_version=1,
+            updated_at=utcnow(),
         )
-        row.scope = tokens.scope
-        row.context = dict(tokens.context)
-        row.updated_at = utcnow()
+        kept = _upstream_tokens.c.refresh_token_sealed
+        new = statement.excluded
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[_upstream_tokens.c.identity_id],
+                set_={
+                    "access_token_sealed": new.access_token_sealed,
+                    "refresh_token_sealed": func.coalesce(new.refresh_token_sealed, kept),
+                    "expires_at": new.expires_at,
+                    "scope": new.scope,
+                    "context": new.context,
+                    "updated_at": new.updated_at,
+                },
+            )
+        )
 
-    def new_browser_session(self, session: Session, identity: Identity) -> str:
+    def new_browser_session(self, session: Session, identity: Identity | LinkedIdentity) -> str:
         value = new_token(32)
         now = utcnow()
-        session.add(
-            BrowserSession(
-                id_hash=token_hash(value),
-                user_id=identity.user_id,
-                identity_id=identity.id,
-                created_at=now,
-                expires_at=now + SESSION_TTL,
-            )
+        session.connection().execute(
+            _NEW_SESSION,
+            {
+                "id_hash": token_hash(value),
+                "user_id": identity.user_id,
+                "identity_id": identity.id,
+                "created_at": now,
+                "expires_at": now + SESSION_TTL,
+                "revoked_at": None,
+            },
         )
         return value
 
@@ -878,7 +1018,7 @@ class AuthorizationFlow:
         cookie value (``None`` when refused)."""
         upstream = result.identity
         known = self._identity_row(session, upstream)
-        if known is not None and self._disabled(session, known.user_id):
+        if known is not None and known.disabled:
             # An operator disabled this user: the upstream saying who they are changes nothing,
             # and nothing of this sign-in (session, upstream token) is kept.
             self._claim(session, pending)
@@ -894,7 +1034,9 @@ class AuthorizationFlow:
         if reason is not None:
             self._claim(session, pending)
             if known is not None:
-                known.snapshot = upstream.snapshot()
+                session.connection().execute(
+                    _IDENTITY_FACTS, {"identity": known.id, "seen": upstream.snapshot()}
+                )
             return self._deny(
                 session,
                 pending,
@@ -903,7 +1045,7 @@ class AuthorizationFlow:
                 user_id=known.user_id if known else None,
                 address=address,
             ), None
-        identity = self.link_identity(session, result, known)
+        identity = self._link(session, result, known)
         session_value = self.new_browser_session(session, identity)
         return self.finish(session, pending, identity, address), session_value
 
@@ -915,24 +1057,35 @@ class AuthorizationFlow:
         result = policy.entitle(self.settings, resource, identity, requested_scopes(pending.scope))
         return list(result.granted), result.refused
 
-    def _claim(self, session: Session, pending: PendingLogin) -> None:
-        """Single use: of two parallel submissions for one sign-in, exactly one finishes."""
-        if pending.completed_at is not None:
-            return
+    def _claim(
+        self,
+        session: Session,
+        pending: PendingLogin,
+        identity: Identity | LinkedIdentity | None = None,
+    ) -> None:
+        """Single use: of two parallel submissions for one sign-in, exactly one finishes.
+        ``identity``: who signed in, stored with the claim (a pending login the upstream's
+        answer consumed is claimed already, :meth:`consume_upstream_state`)."""
+        session.flush()  # a pending login /authorize has just added: stored first
+        connection = session.connection()
         now = utcnow()
-        claimed = rows_affected(
-            session,
-            update(PendingLogin)
-            .where(PendingLogin.id == pending.id, PendingLogin.completed_at.is_(None))
-            .values(completed_at=now),
-        )
-        if not claimed:
-            raise FlowError(
-                400,
-                "Sign-in request already used",
-                "This sign-in request was already completed. Start again from your application.",
-            )
-        pending.completed_at = now
+        linked = {} if identity is None else {"user": identity.user_id, "linked": identity.id}
+        if pending.completed_at is None:
+            statement = _FINISH_CLAIM if identity is not None else _CLAIM
+            claimed = connection.execute(statement, {"pending": pending.id, "at": now, **linked})
+            if not claimed.rowcount:
+                raise FlowError(
+                    400,
+                    "Sign-in request already used",
+                    "This sign-in request was already completed. Start again from your "
+                    "application.",
+                )
+            set_committed_value(pending, "completed_at", now)
+        elif identity is not None:
+            connection.execute(_SIGNED_IN, {"pending": pending.id, **linked})
+        if identity is not None:
+            set_committed_value(pending, "user_id", identity.user_id)
+            set_committed_value(pending, "identity_id", identity.id)
 
     def _deny(
         self,
@@ -993,22 +1146,26 @@ class AuthorizationFlow:
         self,
         session: Session,
         pending: PendingLogin,
-        identity: Identity,
+        identity: Identity | LinkedIdentity,
         address: str | None,
         *,
         auth_time: dt.datetime | None = None,
     ) -> str | Denied:
         """Apply policy, record consent, issue a grant and a code; the redirect to the client."""
         now = utcnow()
-        self._claim(session, pending)
-        pending.user_id = identity.user_id
-        pending.identity_id = identity.id
+        connection = session.connection()
+        self._claim(session, pending, identity)
         client = self.client(session, pending)
         resource = self.resource(pending)
         granted, reason = self.entitlement(
             pending, resource, UpstreamIdentity.from_snapshot(identity.snapshot)
         )
-        if self._disabled(session, identity.user_id):
+        disabled = (
+            identity.disabled
+            if isinstance(identity, LinkedIdentity)  # read with the identity
+            else self._disabled(session, identity.user_id)
+        )
+        if disabled:
             reason = USER_DISABLED
         if reason is not None:
             return self._deny(
@@ -1026,34 +1183,52 @@ class AuthorizationFlow:
             resource.uri,
             [s for s, _ in self.display_scopes(pending, resource)],
         )
-        grant_row = Grant(
+        grant = GrantRow(
             id="gr_" + secrets.token_urlsafe(18),
             user_id=identity.user_id,
             client_id=client.client_id,
             resource=resource.uri,
             scope=" ".join(granted),
-            identity_id=identity.id,
             auth_time=auth_time or now,
-            created_at=now,
+            revoked_at=None,
+            user_disabled_at=None,
+            identity=None,
         )
-        session.add(grant_row)
-        audit.record(
+        connection.execute(
+            _NEW_GRANT,
+            {
+                "id": grant.id,
+                "user_id": grant.user_id,
+                "client_id": grant.client_id,
+                "resource": grant.resource,
+                "scope": grant.scope,
+                "identity_id": identity.id,
+                "auth_time": grant.auth_time,
+                "created_at": now,
+                "revoked_at": None,
+                "revoke_reason": None,
+            },
+        )
+        audit.write_values(
             session,
-            "login",
-            "success",
-            user_id=identity.user_id,
-            client_id=client.client_id,
-            resource=resource.uri,
-            provider=identity.provider,
-            address=address,
-            details={"grant": grant_row.id, "scope": grant_row.scope},
+            audit.values(
+                "login",
+                "success",
+                at=now,
+                user_id=identity.user_id,
+                client_id=client.client_id,
+                resource=resource.uri,
+                provider=identity.provider,
+                address=address,
+                details={"grant": grant.id, "scope": grant.scope},
+            ),
+            connection=connection,
         )
-        session.flush()
         oauth_request = self.server.stored_authorization_request(pending.request_params)
         with self.server.request_state(session, address):
             authlib_grant = self.server.get_authorization_grant(oauth_request)
             response: Response = self.server.create_authorization_response(
-                request=oauth_request, grant_user=GrantUser(grant_row), grant=authlib_grant
+                request=oauth_request, grant_user=GrantUser(grant), grant=authlib_grant
             )
         location = response.headers.get("Location")
         if (
@@ -1072,39 +1247,57 @@ class AuthorizationFlow:
     def _record_consent(
         self, session: Session, user_id: str, client: Client, resource: str, scopes: list[str]
     ) -> None:
-        consent = session.scalars(
-            select(Consent).where(
-                Consent.user_id == user_id,
-                Consent.client_id == client.client_id,
-                Consent.resource == resource,
-            )
-        ).first()
+        connection = session.connection()
+        where = {"user": user_id, "client": client.client_id, "resource": resource}
+        consent = connection.execute(_CONSENT_READ, where).first()
         digest = redirect_digest(client.redirect_uris)
         now = utcnow()
         if consent is None:
-            session.add(
-                Consent(
-                    user_id=user_id,
-                    client_id=client.client_id,
-                    resource=resource,
-                    scopes=sorted(set(scopes)),
-                    redirect_digest=digest,
-                    granted_at=now,
+            approved = sorted(set(scopes))
+            statement = _upsert(connection, _consents).values(
+                user_id=user_id,
+                client_id=client.client_id,
+                resource=resource,
+                scopes=approved,
+                redirect_digest=digest,
+                granted_at=now,
+                revoked_at=None,
+            )
+            # Another sign-in of this user for this client and resource that committed since
+            # the read: its consent is this one's.
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[
+                        _consents.c.user_id,
+                        _consents.c.client_id,
+                        _consents.c.resource,
+                    ],
+                    set_={
+                        "scopes": statement.excluded.scopes,
+                        "redirect_digest": statement.excluded.redirect_digest,
+                        "granted_at": statement.excluded.granted_at,
+                        "revoked_at": None,
+                    },
                 )
             )
         else:
             if consent.revoked_at is None and consent.redirect_digest == digest:
-                scopes = sorted(set(scopes) | set(consent.scopes))
-            consent.scopes = sorted(set(scopes))
-            consent.redirect_digest = digest
-            consent.granted_at = now
-            consent.revoked_at = None
-        audit.record(
+                scopes = [*scopes, *consent.scopes]
+            approved = sorted(set(scopes))
+            connection.execute(
+                _CONSENT_UPDATE,
+                {"consent": consent.id, "approved": approved, "digest": digest, "at": now},
+            )
+        audit.write_values(
             session,
-            "consent",
-            "success",
-            user_id=user_id,
-            client_id=client.client_id,
-            resource=resource,
-            details={"scopes": sorted(set(scopes))},
+            audit.values(
+                "consent",
+                "success",
+                at=now,
+                user_id=user_id,
+                client_id=client.client_id,
+                resource=resource,
+                details={"scopes": approved},
+            ),
+            connection=connection,
         )

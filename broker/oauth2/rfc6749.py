@@ -317,6 +317,7 @@ _CODE_READ = (
     .select_from(_with_grant(_codes, _codes.c.client_id))
     .where(_codes.c.code_hash == bindparam("digest"))
 )
+_CODE_INSERT = insert(_codes)
 _CODE_CLAIM = (
     update(_codes)
     .where(
@@ -527,19 +528,21 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         grant_user: GrantUser = request.user
         data = request.payload.data
         now = utcnow()
-        state.session.add(
-            AuthorizationCode(
-                code_hash=token_hash(code),
-                grant_id=grant_user.grant.id,
-                client_id=request.client.get_client_id(),
-                redirect_uri=request.payload.redirect_uri or "",
-                scope=grant_user.grant.scope,
-                resource=grant_user.grant.resource,
-                code_challenge=data["code_challenge"],
-                code_challenge_method=data.get("code_challenge_method", "S256"),
-                created_at=now,
-                expires_at=now + dt.timedelta(seconds=self.server.settings.tokens.code_ttl),
-            )
+        state.connection().execute(
+            _CODE_INSERT,
+            {
+                "code_hash": token_hash(code),
+                "grant_id": grant_user.grant.id,
+                "client_id": request.client.get_client_id(),
+                "redirect_uri": request.payload.redirect_uri or "",
+                "scope": grant_user.grant.scope,
+                "resource": grant_user.grant.resource,
+                "code_challenge": data["code_challenge"],
+                "code_challenge_method": data.get("code_challenge_method", "S256"),
+                "created_at": now,
+                "expires_at": now + dt.timedelta(seconds=self.server.settings.tokens.code_ttl),
+                "used_at": None,
+            },
         )
 
     def validate_token_request(self) -> None:

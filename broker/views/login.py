@@ -192,7 +192,6 @@ def callback(provider: str) -> Response:
             pending, upstream = b.flow.consume_upstream_state(
                 session, provider, params.get("state"), browser_hash()
             )
-            pending_id = pending.id
     except FlowError as exc:
         return error_page(exc.status, exc.title, exc.message)
     # Outside any transaction: the upstream token request and identity calls.
@@ -213,7 +212,7 @@ def callback(provider: str) -> Response:
     try:
         with b.db.session() as session:
             outcome, session_value = b.flow.finish_upstream(
-                session, pending_id, plugin.display_name, answer, request.remote_addr
+                session, pending, plugin.display_name, answer, request.remote_addr
             )
     except FlowError as exc:  # rolled back: nothing half-written
         return error_page(exc.status, exc.title, exc.message)
