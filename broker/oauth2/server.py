@@ -328,9 +328,14 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         if client_id in state.clients:
             return state.clients[client_id]
         row = state.session.get(Client, client_id)
-        if row is None:
-            return None
-        return self._usable(row, lambda: self._has_live_grant(row.client_id))
+        client = (
+            None if row is None else self._usable(row, lambda: self._has_live_grant(row.client_id))
+        )
+        # Kept for the request: it is asked again (the authorization request is validated in
+        # steps), and the flow's own look-up of the row finds it in the session's identity map,
+        # which holds rows only while something else does.
+        state.clients[client_id] = client
+        return client
 
     def keep_client(self, client_id: str, row: Client | None, *, live_grant: bool) -> None:
         """Serve ``client_id`` from ``row`` (``None``: there is no such client) for the rest of
