@@ -16,19 +16,25 @@ round trip.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import select
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import tuple_row
 from psycopg.types.json import Json
 from sqlalchemy import DateTime, MetaData, create_engine, event
-from sqlalchemy.engine import Connection, CursorResult, Engine
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    InvalidRequestError,
+)
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -237,30 +243,67 @@ class DriverStatement:
     hidden), and a lost connection is invalidated first, as SQLAlchemy does, so that
     :func:`first_rows` retries and the app's handler answers 503 as for any statement. The
     engine's ``before_cursor_execute`` and ``after_cursor_execute`` listeners see the
-    statement as they see any other."""
+    statement as they see any other.
+
+    psycopg's own work per execution is cut down too. The statement is compiled with
+    PostgreSQL's numbered placeholders (``$1``: each parameter once, however often the statement
+    uses it) for a raw cursor, which sends the query as it is: no parsing of placeholders, no
+    mapping of names, per execution. The cursor is kept with the pooled connection (in the
+    pool's ``info`` of it, dropped when the connection is replaced), so its adapters are looked
+    up once rather than for every new cursor; it holds at most its last result. The statement
+    is prepared on its first execution on a connection rather than on its sixth (psycopg's
+    threshold), so a connection whose prepared statements a ``ROLLBACK`` discarded is not
+    planned anew five times over. Rows are plain tuples, their labels and which of them are
+    ``timestamptz`` read from the first execution's result description."""
 
     def __init__(
         self, statement: Any, engine: Engine, *, json_params: tuple[str, ...] = ()
     ) -> None:
         self.dialect = engine.dialect
-        self.sql = str(statement.compile(dialect=self.dialect))
+        compiled = statement.compile(dialect=_numbered(self.dialect))
+        if compiled.post_compile_params or compiled.literal_execute_params:
+            raise ArgumentError(
+                "a statement run on the driver's cursor is compiled once: it cannot have "
+                "parameters rendered at execution (an expanding IN, literal_execute)"
+            )
+        self.sql: str = compiled.string
+        # Encoded once; and the same object every time, which psycopg's cursor needs to keep
+        # its adapters from one execution to the next.
+        self._query: str | bytes = self.sql.encode() if self.sql.isascii() else self.sql
+        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        unused = sorted(set(json_params) - set(self.names))
+        if unused:
+            raise ArgumentError(f"json_params not in the statement: {', '.join(unused)}")
         self.json_params = json_params
+        self._json = tuple(i for i, name in enumerate(self.names) if name in json_params)
+        self._valued = {
+            name: bind
+            for name, bind in compiled.binds.items()
+            if not bind.required and name in self.names
+        }
+        self._shape: _Shape | None = None
 
     def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
-        values = dict(params)
-        for name in self.json_params:
-            values[name] = Json(values[name])
+        try:
+            values = [params[name] for name in self.names]
+        except KeyError:
+            values = self._filled(params)
+        for i in self._json:
+            values[i] = Json(values[i])
         proxied = connection.connection
         driver = proxied.driver_connection
         assert driver is not None
         try:
-            with driver.cursor(row_factory=dict_row) as cursor:
-                # SQLAlchemy's cursor events, for whatever observes the engine's statements.
-                dispatch = connection.dispatch
-                dispatch.before_cursor_execute(connection, cursor, self.sql, values, None, False)
-                cursor.execute(self.sql, values)
-                found = cursor.fetchall() if cursor.description is not None else []
-                dispatch.after_cursor_execute(connection, cursor, self.sql, values, None, False)
+            cursor = proxied.info.get(self)
+            if cursor is None or cursor.closed or cursor.connection is not driver:
+                cursor = proxied.info[self] = psycopg.RawCursor(driver, row_factory=tuple_row)
+            # SQLAlchemy's cursor events, for whatever observes the engine's statements.
+            dispatch = connection.dispatch
+            dispatch.before_cursor_execute(connection, cursor, self.sql, values, None, False)
+            cursor.execute(self._query, values, prepare=True)
+            shape = self._shape or self._described(cursor)
+            found = cursor.fetchall() if shape.keys is not None else []
+            dispatch.after_cursor_execute(connection, cursor, self.sql, values, None, False)
         except psycopg.Error as exc:
             lost = self.dialect.is_disconnect(cast(Any, exc), proxied, None)
             if lost:
@@ -274,13 +317,75 @@ class DriverStatement:
                 connection_invalidated=lost,
                 dialect=self.dialect,
             ) from exc
-        return [DriverRow({k: _utc(v) for k, v in row.items()}) for row in found]
+        return shape.rows(found)
+
+    def _filled(self, params: Mapping[str, Any]) -> list[Any]:
+        """The parameters when ``params`` lacks some: those the statement carries a value for
+        (``literal()``, ``values(v=...)``) take it, as SQLAlchemy gives it; any other is an
+        error, as in SQLAlchemy (bound as NULL it would match nothing, silently)."""
+        missing = sorted({name for name in self.names if name not in params} - set(self._valued))
+        if missing:
+            raise InvalidRequestError(
+                f"A value is required for bind parameter {', '.join(map(repr, missing))}"
+            )
+        return [
+            params[name] if name in params else self._valued[name].effective_value
+            for name in self.names
+        ]
+
+    def _described(self, cursor: psycopg.RawCursor[tuple[Any, ...]]) -> _Shape:
+        """The result's shape, the same at every execution of the same SQL. Only
+        ``timestamptz`` columns (a domain over it is described as it) load as aware
+        datetimes: those are the ones to put in UTC."""
+        description = cursor.description
+        if description is None:
+            shape = _Shape(None, ())
+        else:
+            keys = tuple(column.name for column in description)
+            last = {key: i for i, key in enumerate(keys)}  # a repeated label keeps its last
+            utc = tuple(
+                (i, key) for key, i in last.items() if description[i].type_code == _TIMESTAMPTZ
+            )
+            shape = _Shape(keys, utc)
+        self._shape = shape
+        return shape
 
 
-def _utc(value: Any) -> Any:
-    if isinstance(value, dt.datetime) and value.tzinfo is not None:
-        return value.astimezone(dt.UTC)
-    return value
+_TIMESTAMPTZ = psycopg.postgres.types["timestamptz"].oid
+
+
+class _Shape(NamedTuple):
+    """The labels of a :class:`DriverStatement`'s result (``None``: it returns no rows), and
+    the positions and labels of its ``timestamptz`` columns."""
+
+    keys: tuple[str, ...] | None
+    utc: tuple[tuple[int, str], ...]
+
+    def rows(self, found: list[tuple[Any, ...]]) -> list[DriverRow]:
+        keys, utc = self
+        if keys is None:
+            return []
+        rows = []
+        for row in found:
+            mapping = dict(zip(keys, row, strict=True))
+            for i, key in utc:
+                value = row[i]
+                if value is not None:
+                    mapping[key] = value.astimezone(dt.UTC)
+            rows.append(DriverRow(mapping))
+        return rows
+
+
+def _numbered(dialect: Dialect) -> Dialect:
+    """``dialect`` compiling to PostgreSQL's numbered placeholders (SQLAlchemy's
+    ``numeric_dollar`` paramstyle, as for asyncpg), everything else the same: a copy, the
+    engine's own dialect keeps psycopg's paramstyle. Its identifier preparer is its own, as it
+    doubles ``%`` only for psycopg's paramstyles."""
+    numbered = copy.copy(dialect)
+    numbered.paramstyle = "numeric_dollar"
+    numbered.positional = True
+    numbered.identifier_preparer = numbered.preparer(numbered)
+    return numbered
 
 
 def rows_affected(session: Session, statement: Any) -> int:
