@@ -127,10 +127,15 @@ def write_values(
     now, logged once the transaction commits. Not inside a savepoint: its rollback would not
     take the line back."""
     assert not session.in_nested_transaction()
-    result = (connection or session.connection()).execute(_INSERT, entry)
-    inserted = result.inserted_primary_key
+    written(session, entry, insert_values(connection or session.connection(), entry))
+
+
+def insert_values(connection: Connection, entry: dict[str, Any]) -> int:
+    """Insert the event ``entry`` (:func:`values`) on ``connection``; its id. The caller logs
+    it once the transaction commits (:func:`written`, :func:`log_written`)."""
+    inserted = connection.execute(_INSERT, entry).inserted_primary_key
     assert inserted is not None
-    written(session, entry, inserted[0])
+    return int(inserted[0])
 
 
 # The columns an event inserted by a larger statement sets (the others stay NULL).
@@ -194,11 +199,20 @@ def _log_committed(session: Session) -> None:
     if not pending or not log.isEnabledFor(logging.INFO):
         return
     for row in pending:
-        if isinstance(row, dict):  # written by write(): inserted already
+        if isinstance(row, dict):  # written by write_values(): inserted already
             log.info(json.dumps(_line(row), sort_keys=True, default=str))
         # An event added inside a savepoint that was rolled back never reached the database.
         elif inspect(row).persistent:
             log.info(json.dumps(as_dict(row), sort_keys=True, default=str))
+
+
+def log_written(entries: list[dict[str, Any]]) -> None:
+    """Log events inserted with Core (:func:`values` with their ``id``) whose transaction has
+    committed, where no session tracks them (the token endpoint's connection)."""
+    if not entries or not log.isEnabledFor(logging.INFO):
+        return
+    for entry in entries:
+        log.info(json.dumps(_line(entry), sort_keys=True, default=str))
 
 
 def _line(values: dict[str, Any]) -> dict[str, Any]:

@@ -87,22 +87,23 @@ class Database:
         self.url = url
         self.engine = make_engine(url, echo=echo)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # The token endpoint's sessions: on PostgreSQL outside any transaction block (each
+        # The token endpoint's connections: on PostgreSQL outside any transaction block (each
         # statement commits by itself, so no BEGIN and COMMIT round trips), for requests whose
-        # every write that must be atomic is one statement (oauth2/rfc6749.py); on SQLite the
-        # same as ``sessions``.
-        self.statement_sessions = (
-            self.sessions
+        # every write that must be atomic is one statement (oauth2/rfc6749.py).
+        self._statements = (
+            self.engine
             if self.is_sqlite
-            else sessionmaker(
-                self.engine.execution_options(isolation_level="AUTOCOMMIT"),
-                expire_on_commit=False,
-            )
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         )
 
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
+
+    def statement_connection(self) -> Connection:
+        """A connection for the token endpoint (no ORM session: see
+        ``broker.oauth2.server.RequestState``); on PostgreSQL outside any transaction block."""
+        return self._statements.connect()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -182,38 +183,36 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def first_read(
-    session: Session,
+    rollback: Callable[[], None],
     statement: Any,
     params: Mapping[str, Any],
-    connection: Callable[[], Connection] | None = None,
+    connection: Callable[[], Connection],
 ) -> CursorResult[Any]:
-    """Execute the first statement of ``session``'s transaction, a read, with Core on the
-    session's connection (``connection()``, when the caller keeps it); when the pooled
-    connection turns out dead (a disconnect, which SQLAlchemy answers by invalidating the
-    pool's older connections), run it once more on a fresh one. Nothing was written yet, so
-    the retry cannot write twice."""
-    connect = connection or session.connection
-    return _retried(session, lambda: connect().execute(statement, params))
+    """Execute the first statement of a request's transaction, a read, with Core on the
+    request's connection (``connection()``); when the pooled connection turns out dead (a
+    disconnect, which SQLAlchemy answers by invalidating the pool's older connections), roll
+    back (``rollback``) and run it once more on a fresh one. Nothing was written yet, so the
+    retry cannot write twice."""
+    return _retried(rollback, lambda: connection().execute(statement, params))
 
 
 def first_rows(
-    session: Session,
+    rollback: Callable[[], None],
     statement: DriverStatement,
     params: Mapping[str, Any],
-    connection: Callable[[], Connection] | None = None,
+    connection: Callable[[], Connection],
 ) -> list[DriverRow]:
     """:func:`first_read` of a :class:`DriverStatement`."""
-    connect = connection or session.connection
-    return _retried(session, lambda: statement.rows(connect(), params))
+    return _retried(rollback, lambda: statement.rows(connection(), params))
 
 
-def _retried(session: Session, run: Callable[[], _T]) -> _T:
+def _retried(rollback: Callable[[], None], run: Callable[[], _T]) -> _T:
     try:
         return run()
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
-        session.rollback()
+        rollback()
         return run()
 
 

@@ -227,6 +227,14 @@ class KeyRing:
         except RotationRefused:
             return None
 
+    def current(self) -> LoadedKey | None:
+        """The key that signs now, when :meth:`active` read it less than
+        ``ACTIVE_KEY_RECHECK`` seconds ago; ``None`` when it is to be read again."""
+        cached = self._active
+        if cached is not None and time.monotonic() - cached[1] < ACTIVE_KEY_RECHECK:
+            return cached[0]
+        return None
+
     def active(self, session: Session) -> LoadedKey:
         """The key that signs now. Which key is active is re-read from the database at most every
         ``ACTIVE_KEY_RECHECK`` seconds: a key is published in the JWKS well before it becomes

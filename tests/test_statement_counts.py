@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from broker.models import Client
 from broker.oauth2 import rfc6749
+from broker.oauth2.server import RequestState
 from tests.fakes.github import FakeGitHub
 from tests.support import RESOURCE, authorize_params, free_port, pkce, query, redeem, sign_in_local
 from tests.test_provider_signins import (  # noqa: F401 (fixtures)
@@ -113,6 +114,32 @@ def test_a_refresh_and_a_redemption_read_once_then_write(
         assert answer.status_code == 200, answer.json
         assert seen == expected(app, REFRESH, REFRESH_PG), rotation
         token = answer.json["refresh_token"]
+
+
+def test_a_refresh_and_a_redemption_make_no_orm_session(
+    app: Flask, client: FlaskClient, registered: dict[str, Any], monkeypatch: Any
+) -> None:
+    """The code and refresh grants run on the request's connection alone: the ORM session
+    (its transaction, commit and close cost more CPU than the statements) is never made."""
+    client_id = registered["client_id"]
+    assert redeem(client, client_id, *_code(client, client_id))  # the signing key, read once
+    code, verifier = _code(client, client_id)
+    made: list[RequestState] = []
+    session = RequestState.session
+
+    def recorded(state: RequestState) -> Any:
+        made.append(state)
+        return session.fget(state)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(RequestState, "session", property(recorded))
+    tokens = redeem(client, client_id, code, verifier)
+    assert tokens.status_code == 200, tokens.json
+    answer = _refresh(client, client_id, tokens.json["refresh_token"])
+    assert answer.status_code == 200, answer.json
+    assert made == []
+    probe = RequestState(connect=app.extensions["broker"].db.statement_connection)
+    assert probe.session is not None and made == [probe]  # what asks for one is seen
+    probe.close()
 
 
 def test_a_parallel_refresh_in_the_grace_window_only_reads(

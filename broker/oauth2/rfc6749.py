@@ -435,10 +435,10 @@ def _read_presented(grant: Any, field: str, statement: Any, client_id: str) -> A
     row: Any
     driver = server.hot.of(statement) if server.hot is not None else None
     if driver is not None:
-        rows = first_rows(state.session, driver, params, state.connection)
+        rows = first_rows(state.rollback, driver, params, state.connection)
         row = rows[0] if rows else None
     else:
-        row = first_read(state.session, statement, params, state.connection).first()
+        row = first_read(state.rollback, statement, params, state.connection).first()
     if row is not None:
         server.keep_client(row._mapping[client_id], _client(row), live_grant=row.revoked_at is None)
     return row
@@ -622,7 +622,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
             if won:
                 if plaintext:
                     _insert_refresh_token(connection, new, parent_hash=None)
-                audit.write_values(state.session, entry, connection=connection)
+                state.audited(entry, audit.insert_values(connection, entry))
         else:
             statement = REDEEM_ONCE if plaintext else REDEEM_ONCE_WITHOUT_REFRESH
             event_id = hot.write(
@@ -630,7 +630,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
             )
             won = event_id is not None
             if won:
-                audit.written(state.session, entry, event_id)
+                state.audited(entry, event_id)
         if not won:
             state.revoke_grant(grant.id, "code_replay")
             raise InvalidGrantError("Invalid 'code' in request.")
@@ -766,7 +766,6 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         presented token was reused, and the grant is revoked."""
         server = self.server
         state = server.state()
-        session = state.session
         credential: RefreshCredential = self.request.refresh_token
         server.record_client_use(self.request.client)
         if credential.grace_successor is not None:
@@ -804,12 +803,12 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
             won = credential.token_hash in set(rotated)
             if won:
                 _insert_refresh_token(connection, rotation, parent_hash=credential.token_hash)
-                audit.write_values(session, entry, connection=connection)
+                state.audited(entry, audit.insert_values(connection, entry))
         else:
             event_id = hot.write(connection, ROTATE_ONCE, {**rotation, **audit.when_params(entry)})
             won = event_id is not None
             if won:
-                audit.written(session, entry, event_id)
+                state.audited(entry, event_id)
         if not won:
             again = connection.execute(_REFRESH_REREAD, {"digest": credential.token_hash}).first()
             successor = self._grace_successor(again, now) if again is not None else None

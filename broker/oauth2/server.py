@@ -17,7 +17,6 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -57,30 +56,109 @@ from .rfc9207 import IssuerParameter
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class RequestState:
-    """Per-request storage context: the session, and security actions that must survive a
-    rolled-back request (revoking a grant after a replayed code or a reused refresh token).
+    """Per-request storage context, and security actions that must survive a rolled-back
+    request (revoking a grant after a replayed code or a reused refresh token).
     ``clients``: clients read along with the request's first statement (served by
     :meth:`BrokerAuthorizationServer.query_client` without one of their own); ``recheck``: the
-    upstream re-check's test of a refresh grant (``broker.recheck``), ``None`` when off."""
+    upstream re-check's test of a refresh grant (``broker.recheck``), ``None`` when off.
 
-    session: Session
-    address: str | None = None
-    revocations: list[tuple[str, str]] = field(default_factory=list)
-    clients: dict[str, OAuthClient | None] = field(default_factory=dict)
-    recheck: RecheckDue | None = None
-    _connection: Connection | None = None
+    Made with a ``session`` (the authorization endpoint, registration, revocation,
+    introspection), or, at the token endpoint, with ``connect`` only, which opens the
+    request's connection when it is first needed: the code and refresh grants run Core
+    statements on it, and the ORM session, which costs more CPU than those statements, is made
+    on the same connection and transaction only when something asks for :attr:`session` (the
+    client credentials and token exchange grants, a signing key read again). The token
+    endpoint's state then commits, rolls back and closes them (:meth:`commit`,
+    :meth:`rollback`, :meth:`close`), and logs the audit events written on the connection
+    (:meth:`audited`) once the commit succeeded."""
+
+    def __init__(
+        self,
+        session: Session | None = None,
+        address: str | None = None,
+        *,
+        connect: Callable[[], Connection] | None = None,
+    ) -> None:
+        if (session is None) == (connect is None):
+            raise TypeError("a request state has a session or a way to connect")
+        self._session = session
+        self._connect = connect
+        self._connection: Connection | None = None
+        self.address = address
+        self.revocations: list[tuple[str, str]] = []
+        self.clients: dict[str, OAuthClient | None] = {}
+        self.recheck: RecheckDue | None = None
+        self._audited: list[dict[str, Any]] = []
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = Session(
+                bind=self.connection(),
+                join_transaction_mode="control_fully",
+                expire_on_commit=False,
+            )
+        return self._session
 
     def revoke_grant(self, grant_id: str, reason: str) -> None:
         self.revocations.append((grant_id, reason))
 
     def connection(self) -> Connection:
-        """The session's connection, for Core statements in its transaction (asked of the
+        """The request's connection, for Core statements in its transaction (asked of the
         session once: each ask costs as much as a small statement's own overhead)."""
         if self._connection is None or self._connection.closed:
-            self._connection = self.session.connection()
+            self._connection = (
+                self._connect() if self._connect is not None else self.session.connection()
+            )
         return self._connection
+
+    def audited(self, entry: dict[str, Any], event_id: int) -> None:
+        """``entry`` (:func:`broker.audit.values`) was inserted as ``event_id`` in the
+        request's transaction: logged once that commits."""
+        if self._connect is None:
+            audit.written(self.session, entry, event_id)
+            return
+        entry["id"] = event_id
+        self._audited.append(entry)
+
+    def rollback(self) -> None:
+        """Undo what the request wrote (before retrying its first statement on a fresh
+        connection, or when it fails). A connection of the token endpoint's that was lost is
+        closed: the next statement opens a new one (SQLAlchemy would reconnect the same
+        ``Connection``, but without its isolation level, autocommit on PostgreSQL)."""
+        if self._session is not None:
+            self._session.rollback()
+        elif self._connection is not None:
+            self._connection.rollback()
+        self._audited.clear()
+        lost = self._connection is not None and self._connection.invalidated
+        if lost and self._connect is not None:
+            self.close()
+
+    def commit(self) -> None:
+        """The token endpoint's commit: the session's (which commits the connection's
+        transaction, and logs what it audited), or the connection's; then the audit events
+        written on the connection are logged."""
+        assert self._connect is not None
+        if self._session is not None:
+            self._session.commit()
+        elif self._connection is not None:
+            self._connection.commit()
+        audited, self._audited = self._audited, []
+        audit.log_written(audited)
+
+    def close(self) -> None:
+        """Close the token endpoint's session and connection (a state made with a session
+        leaves it to its owner)."""
+        if self._connect is None:
+            return
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 USE_RECORDED = dt.timedelta(hours=1)
@@ -254,8 +332,14 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
     # -- request context ------------------------------------------------------------------
 
     @contextmanager
-    def request_state(self, session: Session, address: str | None = None) -> Iterator[RequestState]:
-        state = RequestState(session, address)
+    def request_state(
+        self,
+        session: Session | None = None,
+        address: str | None = None,
+        *,
+        connect: Callable[[], Connection] | None = None,
+    ) -> Iterator[RequestState]:
+        state = RequestState(session, address, connect=connect)
         token = _state.set(state)
         try:
             yield state
@@ -425,7 +509,7 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         else:
             raise TypeError(f"no token subject for the {grant_type} grant")
         lifetime = expires_in or self.settings.tokens.access_ttl
-        key = self.keys.active(self.state().session)
+        key = self.keys.current() or self.keys.active(self.state().session)
         access_token, _ = issue_access_token(
             key,
             AccessTokenClaims(

@@ -21,6 +21,7 @@ from ._web import (
     SESSION_COOKIE,
     body_too_large,
     broker,
+    client_address,
     error_page,
     json_error,
     oauth_state,
@@ -230,12 +231,29 @@ def _endpoint(name: str, *, success: int) -> Response:
 def _run(call: Callable[[], Response], *, ok: int, statements: bool = False) -> Response:
     """Run an Authlib endpoint in one transaction: committed when it succeeds, rolled back
     otherwise (nothing half-written); then any revocation the failure asked for.
-    ``statements``: the token endpoint, whose grants write what must be atomic in one
-    statement on PostgreSQL, runs there outside a transaction block (``Database.
-    statement_sessions``); nothing a failed request would need undone is written before
-    its last statement."""
+    ``statements``: the token endpoint, whose grants write Core statements on a connection of
+    their own (no ORM session unless a grant asks for one, ``RequestState``), on PostgreSQL
+    outside a transaction block (each grant writes what must be atomic in one statement;
+    nothing a failed request would need undone is written before its last statement)."""
     b = broker()
-    session = (b.db.statement_sessions if statements else b.db.sessions)()
+    if statements:
+        with b.server.request_state(
+            connect=b.db.statement_connection, address=client_address()
+        ) as state:
+            try:
+                response = call()
+                if response.status_code == ok:
+                    state.commit()
+                else:
+                    state.rollback()
+            except BaseException:
+                state.rollback()
+                raise
+            finally:
+                state.close()
+        b.server.apply_revocations(state)
+        return response
+    session = b.db.sessions()
     try:
         with oauth_state(session) as state:
             response = call()
