@@ -138,6 +138,32 @@ def insert_values(connection: Connection, entry: dict[str, Any]) -> int:
     return int(inserted[0])
 
 
+INSERT_RETURNING = (
+    insert(_EVENTS)
+    .values(
+        {
+            name: bindparam(name)
+            for name in (
+                "at",
+                "type",
+                "outcome",
+                "user_id",
+                "client_id",
+                "resource",
+                "provider",
+                "actor",
+                "reason",
+                "address",
+                "details",
+            )
+        }
+    )
+    .returning(_EVENTS.c.id)
+)
+"""One event's ``INSERT``, its parameters the :func:`values` of the event, returning its id:
+for a caller that runs it on the driver's cursor (the token endpoint on SQLite) and logs the
+event once its transaction commits."""
+
 # The columns an event inserted by a larger statement sets (the others stay NULL).
 _WHEN_COLUMNS = ("at", "type", "outcome", "user_id", "client_id", "resource", "address", "details")
 

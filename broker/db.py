@@ -9,7 +9,7 @@ Dropped PostgreSQL connections (a server restart, a fail-over, an idle timeout) 
 a round trip: a pooled connection whose socket has something to read while it sits idle in the pool
 has been closed by the server (PostgreSQL sends nothing unasked on an idle connection but its
 farewell), and is replaced at checkout (:func:`_configure_postgresql`). A connection that dies
-unseen fails its first statement; :func:`first_read` retries that statement once on a fresh
+unseen fails its first statement; :func:`first_rows` retries that statement once on a fresh
 connection (nothing was written yet). There is no ``pool_pre_ping``: it would cost every request a
 round trip.
 """
@@ -19,16 +19,18 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import select
+import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, cast
 
 import psycopg
 from psycopg.rows import tuple_row
 from psycopg.types.json import Json
-from sqlalchemy import DateTime, MetaData, create_engine, event
-from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
+from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -36,6 +38,7 @@ from sqlalchemy.exc import (
     InvalidRequestError,
 )
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -48,7 +51,6 @@ NAMING_CONVENTION = {
 
 
 READ_ONLY = "broker_read_only"
-_T = TypeVar("_T")
 
 
 class Base(DeclarativeBase):
@@ -182,38 +184,24 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def first_read(
-    rollback: Callable[[], None],
-    statement: Any,
-    params: Mapping[str, Any],
-    connection: Callable[[], Connection],
-) -> CursorResult[Any]:
-    """Execute the first statement of a request's transaction, a read, with Core on the
-    request's connection (``connection()``); when the pooled connection turns out dead (a
-    disconnect, which SQLAlchemy answers by invalidating the pool's older connections), roll
-    back (``rollback``) and run it once more on a fresh one. Nothing was written yet, so the
-    retry cannot write twice."""
-    return _retried(rollback, lambda: connection().execute(statement, params))
-
-
 def first_rows(
     rollback: Callable[[], None],
     statement: DriverStatement,
     params: Mapping[str, Any],
     connection: Callable[[], Connection],
 ) -> list[DriverRow]:
-    """:func:`first_read` of a :class:`DriverStatement`."""
-    return _retried(rollback, lambda: statement.rows(connection(), params))
-
-
-def _retried(rollback: Callable[[], None], run: Callable[[], _T]) -> _T:
+    """Execute the first statement of a request's transaction, a read, on the request's
+    connection (``connection()``); when the pooled connection turns out dead (a disconnect,
+    which SQLAlchemy answers by invalidating the pool's older connections), roll back
+    (``rollback``) and run it once more on a fresh one. Nothing was written yet, so the retry
+    cannot write twice."""
     try:
-        return run()
+        return statement.rows(connection(), params)
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
         rollback()
-        return run()
+        return statement.rows(connection(), params)
 
 
 class DriverRow:
@@ -232,17 +220,114 @@ class DriverRow:
             raise AttributeError(name) from None
 
 
-class DriverStatement:
-    """A Core statement compiled once for PostgreSQL and run on the psycopg cursor of a
-    SQLAlchemy connection, for the token endpoint's hot path: there SQLAlchemy's work per
-    execution (the compiled-cache lookup, an execution context, the result's metadata and
-    processors) cost more CPU than the statement's own round trip. What SQLAlchemy's types would
-    do is done here: ``json`` parameters are wrapped for the driver, datetimes come back in UTC.
-    A driver error is raised as SQLAlchemy's (``DBAPIError`` and its subclasses, parameters
-    hidden), and a lost connection is invalidated first, as SQLAlchemy does, so that
-    :func:`first_rows` retries and the app's handler answers 503 as for any statement. The
-    engine's ``before_cursor_execute`` and ``after_cursor_execute`` listeners see the
-    statement as they see any other.
+class DriverStatement(ABC):
+    """A Core statement compiled once for the engine's dialect and run on the driver's cursor
+    of a SQLAlchemy connection, for the token endpoint's hot path: there SQLAlchemy's work per
+    execution (the compiled-cache lookup, an execution context, the parameters' and the
+    result's processors looked up, the result's metadata) cost more CPU than the statement
+    itself. :func:`driver_statement` makes the one for an engine: :class:`PsycopgStatement`
+    (PostgreSQL) or :class:`SQLiteStatement`. What SQLAlchemy's types do to parameters and rows
+    is done here, worked out once per statement. Parameters are taken by name, each converted
+    once however often the statement uses it; a missing one is an error before anything is
+    sent, as in SQLAlchemy. A driver error is raised as SQLAlchemy's (``DBAPIError`` and its
+    subclasses, parameters hidden), and a lost connection is invalidated first, as SQLAlchemy
+    does, so that :func:`first_rows` retries and the app's handler answers 503 as for any
+    statement. The engine's ``before_cursor_execute`` and ``after_cursor_execute`` listeners see
+    the statement as they see any other. ``json_params`` name the parameters bound as JSON
+    whatever their type. Rows come as :class:`DriverRow` (none for a statement without a
+    result)."""
+
+    driver_error: type[Exception]
+    """The driver's base exception, which becomes SQLAlchemy's."""
+
+    def __init__(
+        self, compiled: SQLCompiler, dialect: Dialect, json_params: tuple[str, ...]
+    ) -> None:
+        if compiled.post_compile_params or compiled.literal_execute_params:
+            raise ArgumentError(
+                "a statement run on the driver's cursor is compiled once: it cannot have "
+                "parameters rendered at execution (an expanding IN, literal_execute)"
+            )
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            raise ArgumentError(
+                "a statement run on the driver's cursor does not compute column defaults: "
+                "every column with a Python-side default needs a value in the statement"
+            )
+        self.dialect = dialect
+        self.sql: str = compiled.string
+        self.names: tuple[str, ...] = tuple(dict.fromkeys(compiled.positiontup or ()))
+        unused = sorted(set(json_params) - set(self.names))
+        if unused:
+            raise ArgumentError(f"json_params not in the statement: {', '.join(unused)}")
+        self.json_params = json_params
+        self._valued = {
+            name: bind
+            for name, bind in compiled.binds.items()
+            if not bind.required and name in self.names
+        }
+
+    @abstractmethod
+    def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
+        """Execute the statement with ``params`` (by name; others are ignored) on
+        ``connection``'s driver connection; its rows."""
+
+    def _values(self, params: Mapping[str, Any]) -> list[Any]:
+        """The parameters in the order of :attr:`names`."""
+        try:
+            return [params[name] for name in self.names]
+        except KeyError:
+            return self._filled(params)
+
+    def _filled(self, params: Mapping[str, Any]) -> list[Any]:
+        """The parameters when ``params`` lacks some: those the statement carries a value for
+        (``literal()``, ``values(v=...)``) take it, as SQLAlchemy gives it; any other is an
+        error, as in SQLAlchemy (bound as NULL it would match nothing, silently)."""
+        missing = sorted({name for name in self.names if name not in params} - set(self._valued))
+        if missing:
+            raise InvalidRequestError(
+                f"A value is required for bind parameter {', '.join(map(repr, missing))}"
+            )
+        return [
+            params[name] if name in params else self._valued[name].effective_value
+            for name in self.names
+        ]
+
+    def _error(self, exc: Exception, connection: Connection, proxied: Any) -> BaseException:
+        """``exc`` as SQLAlchemy raises it (a driver's error as ``DBAPIError``, any other as
+        ``StatementError``), without the parameters; a lost connection invalidated first."""
+        lost = isinstance(exc, self.driver_error) and self.dialect.is_disconnect(
+            cast(Any, exc), proxied, None
+        )
+        if lost:
+            connection.invalidate(exc)
+        raised = DBAPIError.instance(
+            self.sql,
+            None,
+            exc,
+            self.driver_error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=self.dialect,
+        )
+        return cast(BaseException, raised)
+
+
+def driver_statement(
+    statement: Any, engine: Engine, *, json_params: tuple[str, ...] = ()
+) -> DriverStatement:
+    """``statement`` compiled for ``engine``'s driver (:class:`DriverStatement`)."""
+    name = engine.dialect.name
+    if name == "postgresql":
+        return PsycopgStatement(statement, engine, json_params=json_params)
+    if name == "sqlite":
+        return SQLiteStatement(statement, engine, json_params=json_params)
+    raise ArgumentError(f"no driver statements for {name}")
+
+
+class PsycopgStatement(DriverStatement):
+    """A :class:`DriverStatement` on psycopg's cursor. Of SQLAlchemy's types only what matters
+    here is done: ``json_params`` are wrapped for the driver, ``timestamptz`` columns come back
+    in UTC (psycopg loads the rest as SQLAlchemy's types would leave it, JSON decoded).
 
     psycopg's own work per execution is cut down too. The statement is compiled with
     PostgreSQL's numbered placeholders (``$1``: each parameter once, however often the statement
@@ -255,38 +340,21 @@ class DriverStatement:
     planned anew five times over. Rows are plain tuples, their labels and which of them are
     ``timestamptz`` read from the first execution's result description."""
 
+    driver_error = psycopg.Error
+
     def __init__(
         self, statement: Any, engine: Engine, *, json_params: tuple[str, ...] = ()
     ) -> None:
-        self.dialect = engine.dialect
-        compiled = statement.compile(dialect=_numbered(self.dialect))
-        if compiled.post_compile_params or compiled.literal_execute_params:
-            raise ArgumentError(
-                "a statement run on the driver's cursor is compiled once: it cannot have "
-                "parameters rendered at execution (an expanding IN, literal_execute)"
-            )
-        self.sql: str = compiled.string
+        compiled = statement.compile(dialect=_numbered(engine.dialect))
+        super().__init__(compiled, engine.dialect, json_params)
         # Encoded once; and the same object every time, which psycopg's cursor needs to keep
         # its adapters from one execution to the next.
         self._query: str | bytes = self.sql.encode() if self.sql.isascii() else self.sql
-        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
-        unused = sorted(set(json_params) - set(self.names))
-        if unused:
-            raise ArgumentError(f"json_params not in the statement: {', '.join(unused)}")
-        self.json_params = json_params
         self._json = tuple(i for i, name in enumerate(self.names) if name in json_params)
-        self._valued = {
-            name: bind
-            for name, bind in compiled.binds.items()
-            if not bind.required and name in self.names
-        }
         self._shape: _Shape | None = None
 
     def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
-        try:
-            values = [params[name] for name in self.names]
-        except KeyError:
-            values = self._filled(params)
+        values = self._values(params)
         for i in self._json:
             values[i] = Json(values[i])
         proxied = connection.connection
@@ -304,33 +372,8 @@ class DriverStatement:
             found = cursor.fetchall() if shape.keys is not None else []
             dispatch.after_cursor_execute(connection, cursor, self.sql, values, None, False)
         except psycopg.Error as exc:
-            lost = self.dialect.is_disconnect(cast(Any, exc), proxied, None)
-            if lost:
-                connection.invalidate(exc)
-            raise DBAPIError.instance(
-                self.sql,
-                None,
-                exc,
-                psycopg.Error,
-                hide_parameters=True,
-                connection_invalidated=lost,
-                dialect=self.dialect,
-            ) from exc
+            raise self._error(exc, connection, proxied) from exc
         return shape.rows(found)
-
-    def _filled(self, params: Mapping[str, Any]) -> list[Any]:
-        """The parameters when ``params`` lacks some: those the statement carries a value for
-        (``literal()``, ``values(v=...)``) take it, as SQLAlchemy gives it; any other is an
-        error, as in SQLAlchemy (bound as NULL it would match nothing, silently)."""
-        missing = sorted({name for name in self.names if name not in params} - set(self._valued))
-        if missing:
-            raise InvalidRequestError(
-                f"A value is required for bind parameter {', '.join(map(repr, missing))}"
-            )
-        return [
-            params[name] if name in params else self._valued[name].effective_value
-            for name in self.names
-        ]
 
     def _described(self, cursor: psycopg.RawCursor[tuple[Any, ...]]) -> _Shape:
         """The result's shape, the same at every execution of the same SQL. Only
@@ -343,7 +386,9 @@ class DriverStatement:
             keys = tuple(column.name for column in description)
             last = {key: i for i, key in enumerate(keys)}  # a repeated label keeps its last
             utc = tuple(
-                (i, key) for key, i in last.items() if description[i].type_code == _TIMESTAMPTZ
+                (i, key, _in_utc)
+                for key, i in last.items()
+                if description[i].type_code == _TIMESTAMPTZ
             )
             shape = _Shape(keys, utc)
         self._shape = shape
@@ -353,24 +398,101 @@ class DriverStatement:
 _TIMESTAMPTZ = psycopg.postgres.types["timestamptz"].oid
 
 
+def _in_utc(value: dt.datetime | None) -> dt.datetime | None:
+    return None if value is None else value.astimezone(dt.UTC)
+
+
+class SQLiteStatement(DriverStatement):
+    """A :class:`DriverStatement` on the sqlite3 cursor. SQLAlchemy's types are applied as
+    SQLAlchemy applies them, their processors taken once from the compiled statement: a
+    parameter's bind processor (``UTCDateTime``: an aware datetime in UTC, stored as text in
+    SQLAlchemy's format; JSON serialised), a column's result processor (that text parsed back
+    into an aware UTC datetime, JSON decoded, booleans from integers). The result's labels and
+    types are the compiled statement's, as SQLAlchemy's rows have them.
+
+    The statements run in the SQLAlchemy connection's transaction, which this begins when none
+    is in progress (as SQLAlchemy's autobegin would: the engine's ``begin`` listener sends
+    ``BEGIN IMMEDIATE``): the sqlite3 connection is in autocommit mode (``_configure_sqlite``),
+    so a statement sent on its cursor outside a transaction would commit by itself. The cursor
+    is kept with the pooled connection, as psycopg's is (:class:`PsycopgStatement`); sqlite3
+    keeps the prepared statement, by its SQL, in the connection's cache."""
+
+    driver_error = sqlite3.Error
+
+    def __init__(
+        self, statement: Any, engine: Engine, *, json_params: tuple[str, ...] = ()
+    ) -> None:
+        dialect = engine.dialect
+        compiled = statement.compile(dialect=dialect)
+        super().__init__(compiled, dialect, json_params)
+        placeholders = tuple(compiled.positiontup or ())
+        index = {name: i for i, name in enumerate(self.names)}
+        # qmark placeholders: a parameter the statement uses again is sent again.
+        self._order: tuple[int, ...] | None = (
+            None if placeholders == self.names else tuple(index[name] for name in placeholders)
+        )
+        processors: dict[str, Any] = dict(compiled._bind_processors)
+        json_processor = JSON()._cached_bind_processor(dialect)
+        processors.update(dict.fromkeys(json_params, json_processor))
+        if not all(callable(process) for process in processors.values()):
+            raise ArgumentError("a statement run on the driver's cursor has no tuple parameters")
+        self._processors = tuple(
+            (i, processors[name]) for i, name in enumerate(self.names) if name in processors
+        )
+        columns = compiled._result_columns
+        keys = tuple(column.keyname for column in columns)
+        last = {key: i for i, key in enumerate(keys)}  # a repeated label keeps its last
+        processed = tuple(
+            (i, key, process)
+            for key, i in last.items()
+            if (process := columns[i].type._cached_result_processor(dialect, None)) is not None
+        )
+        self._shape = _Shape(keys or None, processed)
+
+    def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
+        values = self._values(params)
+        try:
+            for i, process in self._processors:
+                values[i] = process(values[i])
+        except Exception as exc:  # as SQLAlchemy raises a processor's error: StatementError
+            raise self._error(exc, connection, None) from exc
+        if self._order is not None:
+            values = [values[i] for i in self._order]
+        if not connection.in_transaction():
+            connection.begin()
+        proxied = connection.connection
+        driver = proxied.driver_connection
+        try:
+            cursor = proxied.info.get(self)
+            if cursor is None or cursor.connection is not driver:
+                cursor = proxied.info[self] = cast(sqlite3.Connection, driver).cursor()
+            # SQLAlchemy's cursor events, for whatever observes the engine's statements.
+            dispatch = connection.dispatch
+            dispatch.before_cursor_execute(connection, cursor, self.sql, values, None, False)
+            cursor.execute(self.sql, values)
+            found = cursor.fetchall() if self._shape.keys is not None else []
+            dispatch.after_cursor_execute(connection, cursor, self.sql, values, None, False)
+        except sqlite3.Error as exc:
+            raise self._error(exc, connection, proxied) from exc
+        return self._shape.rows(found)
+
+
 class _Shape(NamedTuple):
     """The labels of a :class:`DriverStatement`'s result (``None``: it returns no rows), and
-    the positions and labels of its ``timestamptz`` columns."""
+    the positions and labels of its columns to process, with their processors."""
 
     keys: tuple[str, ...] | None
-    utc: tuple[tuple[int, str], ...]
+    processed: tuple[tuple[int, str, Callable[[Any], Any]], ...]
 
     def rows(self, found: list[tuple[Any, ...]]) -> list[DriverRow]:
-        keys, utc = self
+        keys, processed = self
         if keys is None:
             return []
         rows = []
         for row in found:
             mapping = dict(zip(keys, row, strict=True))
-            for i, key in utc:
-                value = row[i]
-                if value is not None:
-                    mapping[key] = value.astimezone(dt.UTC)
+            for i, key, process in processed:
+                mapping[key] = process(row[i])
             rows.append(DriverRow(mapping))
         return rows
 

@@ -1,13 +1,16 @@
-"""The token endpoint's statements on the driver's cursor (``broker.db.DriverStatement``, used
-on PostgreSQL): rows as SQLAlchemy's types would give them, errors as SQLAlchemy's, without the
-statement's parameters (a token's hash, a sealed successor) in their message."""
+"""The token endpoint's statements on the driver's cursor (``broker.db.DriverStatement``: psycopg's
+on PostgreSQL, sqlite3's on SQLite): rows as SQLAlchemy's types would give them and values stored
+as SQLAlchemy stores them, errors as SQLAlchemy's, without the statement's parameters (a token's
+hash, a sealed successor) in their message; on SQLite in the request's one transaction, begun
+with ``BEGIN IMMEDIATE``."""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
 import secrets
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -20,19 +23,31 @@ from sqlalchemy import (
     column,
     create_engine,
     event,
+    func,
     insert,
+    inspect,
     literal,
     select,
     table,
     type_coerce,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, DataError, InvalidRequestError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    IntegrityError,
+    InvalidRequestError,
+    StatementError,
+)
 
-from broker.db import DriverStatement
+from broker import audit
+from broker.crypto import token_hash
+from broker.db import UTCDateTime, driver_statement
+from broker.models import AuditEvent, AuthorizationCode, RefreshToken
 from broker.oauth2 import rfc6749
 from broker.oauth2.rfc6749 import REDEEM_ONCE
-from tests.test_database_reconnect import _signed_in
+from tests.support import authorize_params, pkce, query, redeem, sign_in_local
+from tests.test_database_reconnect import _refresh, _signed_in
 
 POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
@@ -41,12 +56,10 @@ POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=Tr
 def test_rows_come_back_in_utc_whatever_the_session_time_zone(
     make_app: Callable[..., Flask],
 ) -> None:
-    from broker.crypto import token_hash
-
     app = make_app()
     _, _, token = _signed_in(app)
     engine = app.extensions["broker"].db.engine
-    read = DriverStatement(rfc6749._REFRESH_READ, engine)
+    read = driver_statement(rfc6749._REFRESH_READ, engine)
     seen: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
     with engine.connect() as connection:
@@ -67,7 +80,7 @@ def test_errors_are_sqlalchemys_without_the_parameters(make_app: Callable[..., F
     engine = app.extensions["broker"].db.engine
     secret = secrets.token_hex(32)
     now = dt.datetime.now(dt.UTC)
-    redeem_once = DriverStatement(REDEEM_ONCE, engine, json_params=("event_details",))
+    redeem_once = driver_statement(REDEEM_ONCE, engine, json_params=("event_details",))
     params = {
         "digest": secret,
         "now": now,
@@ -85,7 +98,7 @@ def test_errors_are_sqlalchemys_without_the_parameters(make_app: Callable[..., F
         "event_address": None,
         "event_details": {"secret": secret},
     }
-    too_long = DriverStatement(
+    too_long = driver_statement(
         insert(table("t_driver", column("v"))).values(v=bindparam("v")), engine
     )
     with engine.connect() as connection:
@@ -121,7 +134,7 @@ def test_the_hot_statements_are_the_engines_sql_with_numbered_placeholders(
 ) -> None:
     engine = _engine(make_app())
     statement = HOT[name]
-    driver = DriverStatement(statement, engine)
+    driver = driver_statement(statement, engine)
     assert len(set(driver.names)) == len(driver.names)  # each parameter bound once
     named = re.sub(r"\$(\d+)", lambda m: f"%({driver.names[int(m[1]) - 1]})s", driver.sql)
     assert named == str(statement.compile(dialect=engine.dialect))
@@ -130,14 +143,13 @@ def test_the_hot_statements_are_the_engines_sql_with_numbered_placeholders(
         assert max(driver.sql.count(f"${i + 1}::") for i in range(len(driver.names))) > 1
 
 
-@POSTGRESQL
 def test_parameters_are_bound_by_name_once_however_often_used(
     make_app: Callable[..., Flask],
 ) -> None:
     engine = _engine(make_app())
     x, y = bindparam("x", type_=Integer), bindparam("y", type_=Integer)
     statement = select((x * 10 + y).label("v"), (y - x).label("w"), x.label("again"))
-    driver = DriverStatement(statement, engine)
+    driver = driver_statement(statement, engine)
     assert sorted(driver.names) == ["param_1", "x", "y"]  # param_1: the 10, bound as given
     with engine.connect() as connection:
         (row,) = driver.rows(connection, {"y": 4, "x": 3, "not_in_it": 9})
@@ -146,13 +158,12 @@ def test_parameters_are_bound_by_name_once_however_often_used(
         assert (row.v, row.w, row.again) == (49, -6, 5)
 
 
-@POSTGRESQL
 def test_a_missing_parameter_is_an_error_and_nothing_is_sent(
     make_app: Callable[..., Flask],
 ) -> None:
     engine = _engine(make_app())
-    read = DriverStatement(rfc6749._REFRESH_READ, engine)
-    given = DriverStatement(select(literal("given").label("s"), bindparam("t").label("t")), engine)
+    read = driver_statement(rfc6749._REFRESH_READ, engine)
+    given = driver_statement(select(literal("given").label("s"), bindparam("t").label("t")), engine)
     seen: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
     with engine.connect() as connection:
@@ -160,7 +171,7 @@ def test_a_missing_parameter_is_an_error_and_nothing_is_sent(
             read.rows(connection, {"now": None})
         with pytest.raises(InvalidRequestError, match="'t'"):
             given.rows(connection, {})
-        assert seen == []
+        assert seen == [] and not connection.in_transaction()  # not even a BEGIN
         # A value the statement carries is bound as SQLAlchemy binds it.
         (row,) = given.rows(connection, {"t": "passed"})
         assert row._mapping == {"s": "given", "t": "passed"}
@@ -170,12 +181,10 @@ def test_a_missing_parameter_is_an_error_and_nothing_is_sent(
 def test_rows_are_sqlalchemys_rows_by_label_whatever_the_time_zone(
     make_app: Callable[..., Flask],
 ) -> None:
-    from broker.crypto import token_hash
-
     app = make_app()
     _, _, token = _signed_in(app)
     engine = _engine(app)
-    read = DriverStatement(rfc6749._REFRESH_READ, engine)
+    read = driver_statement(rfc6749._REFRESH_READ, engine)
     params = {"digest": token_hash(token)}
     cursors: list[Any] = []
     event.listen(engine, "before_cursor_execute", lambda *args: cursors.append(args[1]))
@@ -201,11 +210,10 @@ def test_rows_are_sqlalchemys_rows_by_label_whatever_the_time_zone(
         assert prepared == 1
 
 
-@POSTGRESQL
-def test_json_parameters_are_wrapped_for_the_driver(make_app: Callable[..., Flask]) -> None:
+def test_json_parameters_are_bound_as_json(make_app: Callable[..., Flask]) -> None:
     engine = _engine(make_app())
     doc = type_coerce(bindparam("doc"), JSON)
-    echo = DriverStatement(
+    echo = driver_statement(
         select(doc.label("doc"), bindparam("n").label("n")), engine, json_params=("doc",)
     )
     with engine.connect() as connection:
@@ -214,13 +222,12 @@ def test_json_parameters_are_wrapped_for_the_driver(make_app: Callable[..., Flas
         (row,) = echo.rows(connection, {"doc": None, "n": None})
         assert row.doc is None and row.n is None  # JSON null, as SQLAlchemy's JSON binds None
     with pytest.raises(ArgumentError, match="docs"):
-        DriverStatement(select(doc), engine, json_params=("docs",))
+        driver_statement(select(doc), engine, json_params=("docs",))
 
 
-@POSTGRESQL
 def test_a_statement_without_rows_returns_none(make_app: Callable[..., Flask]) -> None:
     engine = _engine(make_app())
-    add = DriverStatement(insert(table("t_rows", column("v"))).values(v=bindparam("v")), engine)
+    add = driver_statement(insert(table("t_rows", column("v"))).values(v=bindparam("v")), engine)
     with engine.connect() as connection:
         connection.exec_driver_sql("CREATE TEMPORARY TABLE t_rows (v varchar(8))")
         assert add.rows(connection, {"v": "a"}) == []
@@ -228,9 +235,240 @@ def test_a_statement_without_rows_returns_none(make_app: Callable[..., Flask]) -
         assert connection.exec_driver_sql("SELECT count(*) FROM t_rows").scalar() == 2
 
 
-def test_parameters_rendered_at_execution_are_refused() -> None:
-    engine = create_engine("postgresql+psycopg://")
+@pytest.mark.parametrize("url", ["postgresql+psycopg://", "sqlite://"])
+def test_what_sqlalchemy_completes_at_execution_is_refused(url: str) -> None:
+    engine = create_engine(url)
     values = table("t", column("v"))
     expanding = select(values.c.v).where(values.c.v.in_(bindparam("vs", expanding=True)))
     with pytest.raises(ArgumentError, match="expanding"):
-        DriverStatement(expanding, engine)
+        driver_statement(expanding, engine)
+    # audit_events.details has a Python-side default, which SQLAlchemy computes per execution.
+    defaulted = insert(AuditEvent.__table__).values(
+        at=bindparam("at"), type=bindparam("type"), outcome=bindparam("outcome")
+    )
+    with pytest.raises(ArgumentError, match="defaults"):
+        driver_statement(defaulted, engine)
+
+
+SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def _code(client: Any, client_id: str) -> tuple[str, str]:
+    """A code not redeemed yet, and its verifier."""
+    verifier, challenge = pkce()
+    response = sign_in_local(client, authorize_params(client_id, challenge))
+    return query(response.headers["Location"])["code"], verifier
+
+
+@pytest.mark.parametrize("name", ["_REFRESH_READ", "_CODE_READ"])
+def test_rows_read_are_the_rows_sqlalchemy_reads(make_app: Callable[..., Flask], name: str) -> None:
+    app = make_app()
+    client, client_id, token = _signed_in(app)
+    code, _ = _code(client, client_id)
+    engine = _engine(app)
+    statement = HOT[name]
+    read = driver_statement(statement, engine)
+    params = {"digest": token_hash(token if name == "_REFRESH_READ" else code)}
+    ours: list[Any] = []  # the cursors of the driver statement's executions (no context)
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda _c, cursor, _s, _p, context, _m: ours.append(cursor) if context is None else None,
+    )
+    with engine.connect() as connection:
+        expected = dict(connection.execute(statement, params).mappings().one())
+        for _ in range(2):
+            (row,) = read.rows(connection, params)
+            assert row._mapping == expected
+            assert list(row._mapping) == list(expected)  # the labels, in the statement's order
+            assert _kinds(row._mapping) == _kinds(expected)
+    assert len(ours) == 2 and ours[0] is ours[1]  # the cursor kept with the connection
+    assert isinstance(expected["snapshot"], dict)  # JSON, decoded
+    assert isinstance(expected["client_grant_types"], list)
+    times = [value for value in expected.values() if isinstance(value, dt.datetime)]
+    assert len(times) >= 3 and all(value.tzinfo is dt.UTC for value in times)
+    if name == "_REFRESH_READ":
+        assert expected["successor_unused"] is False  # a boolean, not SQLite's 0
+
+
+def test_values_written_read_back_as_sqlalchemy_wrote_them(make_app: Callable[..., Flask]) -> None:
+    app = make_app()
+    _, _, token = _signed_in(app)
+    engine = _engine(app)
+    db = app.extensions["broker"].db
+    with db.read() as session:
+        grant_id = session.get(RefreshToken, token_hash(token)).grant_id
+    now = dt.datetime(2031, 2, 3, 4, 5, 6, 789012, tzinfo=dt.timezone(dt.timedelta(hours=5.5)))
+
+    def successor(digest: str) -> dict[str, Any]:
+        return {
+            "digest": token_hash(token),
+            "successor": digest,
+            "new_grant": grant_id,
+            "new_scope": "demo:read",
+            "now": now,
+            "new_expires": now + dt.timedelta(days=1),
+            "new_idle": now + dt.timedelta(hours=1),
+        }
+
+    entry = audit.values(
+        "refresh", "success", at=now, address="127.0.0.1", details={"n": [1, None, "é"]}
+    )
+    json = ("details",) if engine.dialect.name == "postgresql" else ()  # psycopg: no processors
+    add_token = driver_statement(rfc6749._SUCCESSOR_INSERT, engine)
+    add_event = driver_statement(audit.INSERT_RETURNING, engine, json_params=json)
+    with engine.connect() as connection:
+        assert add_token.rows(connection, successor("ours")) == []
+        connection.execute(rfc6749._SUCCESSOR_INSERT, successor("sqlalchemy's"))
+        (row,) = add_event.rows(connection, entry)
+        ours, theirs = row.id, connection.execute(audit.INSERT_RETURNING, entry).scalar_one()
+        connection.commit()
+    with db.read() as session:
+        tokens = [_columns(session.get(RefreshToken, h)) for h in ("ours", "sqlalchemy's")]
+        events = [_columns(session.get(AuditEvent, i)) for i in (ours, theirs)]
+    for written in (tokens, events):
+        assert written[0] == written[1] and _kinds(written[0]) == _kinds(written[1])
+    assert tokens[0]["issued_at"] == now and tokens[0]["issued_at"].tzinfo is dt.UTC
+    assert tokens[0]["parent_hash"] == token_hash(token)
+    assert events[0]["at"] == now and events[0]["details"] == {"n": [1, None, "é"]}
+    # As stored, read past SQLAlchemy's types: on SQLite the same text (UTC, SQLAlchemy's format).
+    with engine.connect() as connection:
+        stored_tokens = connection.exec_driver_sql(
+            "SELECT issued_at, expires_at, idle_expires_at FROM refresh_tokens"
+            " WHERE token_hash IN ('ours', 'sqlalchemy''s')"
+        ).all()
+        stored_events = connection.exec_driver_sql(
+            f"SELECT at, details FROM audit_events WHERE id IN ({ours}, {theirs})"
+        ).all()
+    for stored in (stored_tokens, stored_events):
+        assert len(stored) == 2 and stored[0] == stored[1]
+    if engine.dialect.name == "sqlite":
+        assert stored_tokens[0][0] == "2031-02-02 22:35:06.789012"
+
+
+def _columns(row: Any) -> dict[str, Any]:
+    """A model row's columns but its primary key."""
+    keys = [column.key for column in inspect(type(row)).columns if not column.primary_key]
+    return {key: getattr(row, key) for key in keys}
+
+
+def _kinds(values: Mapping[str, Any]) -> dict[str, type]:
+    return {key: type(value) for key, value in values.items()}
+
+
+def test_driver_errors_are_sqlalchemys_without_the_parameters(
+    make_app: Callable[..., Flask],
+) -> None:
+    engine = _engine(make_app())
+    secret = secrets.token_hex(32)
+    rows = table("t_unique", column("k"), column("v"))
+    add = driver_statement(insert(rows).values(k=bindparam("k"), v=bindparam("v")), engine)
+    with engine.connect() as connection:
+        connection.exec_driver_sql("CREATE TEMPORARY TABLE t_unique (k int PRIMARY KEY, v text)")
+        add.rows(connection, {"k": 1, "v": secret})
+        with pytest.raises(IntegrityError) as raised:
+            add.rows(connection, {"k": 1, "v": secret})
+        assert secret not in str(raised.value) and "INSERT INTO t_unique" in str(raised.value)
+        assert raised.value.connection_invalidated is False
+        connection.rollback()
+        assert connection.exec_driver_sql("SELECT 1").scalar() == 1  # still usable
+
+
+@SQLITE
+def test_a_value_the_type_refuses_is_refused_as_sqlalchemy_refuses_it(
+    make_app: Callable[..., Flask],
+) -> None:
+    engine = _engine(make_app())
+    statement = select(bindparam("at", type_=UTCDateTime()).label("at"))
+    echo = driver_statement(statement, engine)
+    with engine.connect() as connection:
+        naive = {"at": dt.datetime(2030, 1, 1)}
+        with pytest.raises(StatementError) as theirs:
+            connection.execute(statement, naive)
+        with pytest.raises(StatementError) as ours:
+            echo.rows(connection, naive)
+        assert type(ours.value) is type(theirs.value) and isinstance(ours.value.orig, ValueError)
+        at = dt.datetime(2030, 1, 1, 9, tzinfo=dt.timezone(dt.timedelta(hours=9)))
+        (row,) = echo.rows(connection, {"at": at})
+        assert row.at == at and row.at.tzinfo is dt.UTC and row.at.hour == 0
+
+
+@SQLITE
+def test_a_token_request_on_sqlite_is_one_transaction_begun_immediate(
+    make_app: Callable[..., Flask],
+) -> None:
+    """The read begins the request's transaction with BEGIN IMMEDIATE, through SQLAlchemy's
+    connection (whose commit or rollback then ends it): from there on every statement runs in
+    it, holding the write lock that another connection cannot take."""
+    app = make_app()
+    client, client_id, token = _signed_in(app)
+    code, verifier = _code(client, client_id)
+    engine = _engine(app)
+    seen: list[tuple[str, bool, bool]] = []
+
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        other = sqlite3.connect(engine.url.database or "", timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            locked = False
+        except sqlite3.OperationalError:
+            locked = True
+        finally:
+            other.close()
+        words = " ".join(statement.split()[:2])
+        seen.append((words, conn.connection.dbapi_connection.in_transaction, locked))
+
+    inserts = [("INSERT INTO", True, True)] * 2  # the refresh token, the audit event
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert _refresh(client, client_id, token).status_code == 200
+        refreshed, seen[:] = list(seen), []
+        assert redeem(client, client_id, code, verifier).status_code == 200
+        redeemed = list(seen)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    begun = ("BEGIN IMMEDIATE", False, False)
+    read = ("SELECT refresh_tokens.token_hash,", True, True)
+    claim = ("UPDATE refresh_tokens", True, True)
+    assert refreshed == [begun, read, claim, *inserts]
+    read = ("SELECT authorization_codes.code_hash,", True, True)
+    claim = ("UPDATE authorization_codes", True, True)
+    assert redeemed == [begun, read, claim, *inserts]
+
+
+@SQLITE
+@pytest.mark.parametrize("failing", ["INSERT INTO refresh_tokens", "INSERT INTO audit_events"])
+def test_a_failure_after_the_claim_undoes_the_claim(
+    make_app: Callable[..., Flask], failing: str
+) -> None:
+    """The claim, the new refresh token and the audit event are written together or not at
+    all: a failure after the claim (here the database answering "locked", which reaches the
+    app's handler as SQLAlchemy's OperationalError: 503) leaves the token or code unused."""
+    app = make_app()
+    client, client_id, token = _signed_in(app)
+    code, verifier = _code(client, client_id)
+    engine = _engine(app)
+
+    def fail(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith(failing):
+            raise sqlite3.OperationalError("database is locked")
+
+    event.listen(engine, "before_cursor_execute", fail)
+    try:
+        refused = [
+            _refresh(client, client_id, token),
+            redeem(client, client_id, code, verifier),
+        ]
+    finally:
+        event.remove(engine, "before_cursor_execute", fail)
+    for answer in refused:
+        assert answer.status_code == 503 and answer.json["error"] == "temporarily_unavailable"
+    with app.extensions["broker"].db.read() as session:
+        assert session.get(RefreshToken, token_hash(token)).used_at is None
+        assert session.get(AuthorizationCode, token_hash(code)).used_at is None
+        assert session.scalar(select(func.count()).select_from(RefreshToken)) == 1
+        issued = select(AuditEvent.type).where(AuditEvent.type.in_(["issue", "refresh"]))
+        assert list(session.scalars(issued)) == ["issue"]  # the first redemption's
+    assert _refresh(client, client_id, token).status_code == 200
+    assert redeem(client, client_id, code, verifier).status_code == 200

@@ -6,18 +6,19 @@ every use. Reuse of a rotated token after the grace window revokes the whole gra
 section 4.14.2); within the window the same successor is handed out again, because real clients
 refresh twice in parallel.
 
-Storage is the token endpoint's hot path, so it is SQLAlchemy Core with statements built once.
-Each grant first reads everything it decides on in one statement: the presented code or refresh
-token joined with its grant, the grant's user and identity, and the client (so authenticating the
-client costs no statement of its own, see ``BrokerAuthorizationServer.keep_client``). Once the
-whole request is valid it writes, together: a conditional ``UPDATE ... WHERE used_at IS NULL``
-whose outcome decides, across workers and hosts sharing the database, which request uses the
-code or token (a refresh that loses reads the winner's successor for the grace window), the new
-refresh token, and the audit event. On SQLite these are three statements in the request's one
-transaction (a rotation's claim also links the successor and drops the parent's kept
-successor); on PostgreSQL they are one statement (``ROTATE_ONCE``, ``REDEEM_ONCE``: data-modifying
-``WITH`` queries), run outside a transaction block on the driver's cursor (``HotStatements``),
-so a grant is two round trips.
+Storage is the token endpoint's hot path, so it is SQLAlchemy Core statements built once, each
+compiled once for the server's engine and run on the driver's cursor (``HotStatements``, with
+:class:`broker.db.DriverStatement`). Each grant first reads everything it decides on in one
+statement: the presented code or refresh token joined with its grant, the grant's user and
+identity, and the client (so authenticating the client costs no statement of its own, see
+``BrokerAuthorizationServer.keep_client``). Once the whole request is valid it writes, together: a
+conditional ``UPDATE ... WHERE used_at IS NULL`` whose outcome decides, across workers and hosts
+sharing the database, which request uses the code or token (a refresh that loses reads the
+winner's successor for the grace window), the new refresh token, and the audit event. On SQLite
+these are three statements in the request's one transaction, which the read began with
+``BEGIN IMMEDIATE`` (a rotation's claim also links the successor and drops the parent's kept
+successor); on PostgreSQL they are one statement (``ROTATE_ONCE``, ``REDEEM_ONCE``:
+data-modifying ``WITH`` queries), run outside a transaction block, so a grant is two round trips.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from providers.contract import Identity as UpstreamIdentity
 
 from .. import audit, policy
 from ..crypto import token_hash
-from ..db import DriverStatement, UTCDateTime, first_read, first_rows, utcnow
+from ..db import DriverRow, DriverStatement, UTCDateTime, driver_statement, first_rows, utcnow
 from ..models import AuthorizationCode, Client, Grant, Identity, RefreshToken, User
 from .errors import InvalidTargetError
 from .rfc8707 import resolve_resource
@@ -285,7 +286,6 @@ _ROTATE = (
     )
     .returning(_tokens.c.token_hash)
 )
-_REFRESH_INSERT = insert(_tokens)
 # The columns a new refresh token sets (the others start NULL). No parameter of these
 # statements is named after a column: an UPDATE given such a parameter would also set it.
 _NEW_TOKEN = ("token_hash", "grant_id", "scope", "issued_at", "expires_at", "idle_expires_at")
@@ -318,6 +318,7 @@ _CODE_READ = (
     .where(_codes.c.code_hash == bindparam("digest"))
 )
 _CODE_INSERT = insert(_codes)
+# The claim returns the code's hash when this request won it.
 _CODE_CLAIM = (
     update(_codes)
     .where(
@@ -326,7 +327,13 @@ _CODE_CLAIM = (
         _codes.c.expires_at > bindparam("now", type_=UTCDateTime()),
     )
     .values(used_at=bindparam("now", type_=UTCDateTime()))
+    .returning(_codes.c.code_hash)
 )
+# On SQLite, after a claim won: the new refresh token (a rotation's successor, its parent the
+# presented token; a redemption's first) and the audit event, each its own INSERT.
+_new_token_columns = dict(zip(_NEW_TOKEN, _NEW_TOKEN_VALUES, strict=True))
+_SUCCESSOR_INSERT = insert(_tokens).values(**_new_token_columns, parent_hash=bindparam("digest"))
+_FIRST_TOKEN_INSERT = insert(_tokens).values(_new_token_columns)
 
 # On PostgreSQL each grant writes in one statement (data-modifying WITH queries), run outside
 # any transaction block: the statement is atomic by itself, so a refresh or a redemption is two
@@ -347,7 +354,7 @@ _successor_row = (
 )
 _rotation_event = audit.insert_when(exists(select(_successor_row.c.token_hash))).cte("event")
 ROTATE_ONCE = select(_rotation_event.c.id).add_cte(_claimed, _successor_row, _rotation_event)
-_code_claimed = _CODE_CLAIM.returning(_codes.c.code_hash).cte("claimed")
+_code_claimed = _CODE_CLAIM.cte("claimed")
 _first_token = (
     insert(_tokens)
     .from_select(
@@ -365,34 +372,60 @@ REDEEM_ONCE_WITHOUT_REFRESH = select(_redemption_event.c.id).add_cte(
 
 
 class HotStatements:
-    """The token endpoint's statements on PostgreSQL, compiled once for the server's engine
-    and run on the driver's cursor (:class:`broker.db.DriverStatement`): the reads of a code
-    or refresh token and the one-statement writes."""
+    """The token endpoint's statements, compiled once for the server's engine and run on the
+    driver's cursor (:func:`broker.db.driver_statement`): the reads of a code or refresh token,
+    and the writes. On PostgreSQL a grant writes in one statement (:attr:`one_statement`); on
+    SQLite it sends the claim, the new refresh token and the audit event one by one, in the
+    transaction the read began."""
 
     def __init__(self, engine: Engine) -> None:
-        events = ("event_details",)
-        self._by_statement = {
-            id(statement): DriverStatement(statement, engine, json_params=json)
-            for statement, json in (
-                (_REFRESH_READ, ()),
-                (_CODE_READ, ()),
+        self.one_statement = engine.dialect.name != "sqlite"
+        writes: tuple[tuple[Any, tuple[str, ...]], ...]
+        if self.one_statement:
+            events = ("event_details",)
+            writes = (
                 (ROTATE_ONCE, events),
                 (REDEEM_ONCE, events),
                 (REDEEM_ONCE_WITHOUT_REFRESH, events),
             )
+        else:
+            writes = tuple(
+                (statement, ())
+                for statement in (
+                    _CODE_CLAIM,
+                    _ROTATE,
+                    _SUCCESSOR_INSERT,
+                    _FIRST_TOKEN_INSERT,
+                    audit.INSERT_RETURNING,
+                )
+            )
+        self._by_statement = {
+            id(statement): driver_statement(statement, engine, json_params=json)
+            for statement, json in ((_REFRESH_READ, ()), (_CODE_READ, ()), *writes)
         }
 
-    def of(self, statement: Any) -> DriverStatement | None:
-        return self._by_statement.get(id(statement))
+    def of(self, statement: Any) -> DriverStatement:
+        return self._by_statement[id(statement)]
+
+    def rows(
+        self, connection: Connection, statement: Any, params: Mapping[str, Any]
+    ) -> list[DriverRow]:
+        """Run one of the statements; its rows."""
+        return self._by_statement[id(statement)].rows(connection, params)
 
     def write(self, connection: Connection, statement: Any, params: Mapping[str, Any]) -> Any:
-        """Run one of the writes; the audit event's id, or ``None`` when the claim was lost."""
-        driver = self._by_statement[id(statement)]
-        rows = driver.rows(connection, params)
+        """Run one of PostgreSQL's one-statement writes; the audit event's id, or ``None`` when
+        the claim was lost."""
+        rows = self.rows(connection, statement, params)
         return rows[0].id if rows else None
 
+    def event(self, connection: Connection, entry: Mapping[str, Any]) -> int:
+        """Insert the audit event ``entry`` (:func:`broker.audit.values`) on SQLite; its id."""
+        (row,) = self.rows(connection, audit.INSERT_RETURNING, entry)
+        return int(row.id)
 
-def _grant(row: Row[Any]) -> GrantRow:
+
+def _grant(row: DriverRow) -> GrantRow:
     identity = None
     if row.identity_id is not None:
         identity = IdentityRow(
@@ -411,7 +444,7 @@ def _grant(row: Row[Any]) -> GrantRow:
     )
 
 
-def _client(row: Row[Any]) -> Client | None:
+def _client(row: DriverRow) -> Client | None:
     """The client of the row, if it exists: a read-only copy of the columns the token endpoint
     reads (a model instance would cost an instrumented attribute set per column, and loading
     every column a JSON parse per list)."""
@@ -432,13 +465,8 @@ def _read_presented(grant: Any, field: str, statement: Any, client_id: str) -> A
     server = grant.server
     state = server.state()
     params = {"digest": token_hash(presented)}
-    row: Any
-    driver = server.hot.of(statement) if server.hot is not None else None
-    if driver is not None:
-        rows = first_rows(state.rollback, driver, params, state.connection)
-        row = rows[0] if rows else None
-    else:
-        row = first_read(state.rollback, statement, params, state.connection).first()
+    rows = first_rows(state.rollback, server.hot.of(statement), params, state.connection)
+    row = rows[0] if rows else None
     if row is not None:
         server.keep_client(row._mapping[client_id], _client(row), live_grant=row.revoked_at is None)
     return row
@@ -466,27 +494,6 @@ def _new_token(
         "new_expires": expires,
         "new_idle": min(expires, now + dt.timedelta(seconds=tokens.refresh_idle_ttl)),
     }
-
-
-def _insert_refresh_token(
-    connection: Connection, new: Mapping[str, Any], parent_hash: str | None
-) -> None:
-    """The new refresh token ``new`` (:func:`_new_token`), on its own (SQLite)."""
-    connection.execute(
-        _REFRESH_INSERT,
-        {
-            "token_hash": new["successor"],
-            "grant_id": new["new_grant"],
-            "parent_hash": parent_hash,
-            "successor_hash": None,
-            "successor_sealed": None,
-            "scope": new["new_scope"],
-            "issued_at": new["now"],
-            "expires_at": new["new_expires"],
-            "idle_expires_at": new["new_idle"],
-            "used_at": None,
-        },
-    )
 
 
 # -- the authorization code grant ----------------------------------------------------------------
@@ -556,7 +563,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         grant (RFC 6749 section 4.1.2); it is claimed (single use, OAuth 2.1 section 4.1.3)
         only once the whole request has been validated, PKCE included (:meth:`save_token`), so
         a request that fails never uses the code up."""
-        row: Row[Any] | None = self.presented
+        row: DriverRow | None = self.presented
         if row is None or row.code_client_id != client.get_client_id():
             return None
         if row.used_at is not None:
@@ -617,12 +624,12 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         connection = state.connection()
         claim = {"digest": code.code_hash, "now": now}
         hot = server.hot
-        if hot is None:  # SQLite
-            won = bool(connection.execute(_CODE_CLAIM, claim).rowcount)
+        if not hot.one_statement:  # SQLite
+            won = bool(hot.rows(connection, _CODE_CLAIM, claim))
             if won:
                 if plaintext:
-                    _insert_refresh_token(connection, new, parent_hash=None)
-                state.audited(entry, audit.insert_values(connection, entry))
+                    hot.rows(connection, _FIRST_TOKEN_INSERT, new)
+                state.audited(entry, hot.event(connection, entry))
         else:
             statement = REDEEM_ONCE if plaintext else REDEEM_ONCE_WITHOUT_REFRESH
             event_id = hot.write(
@@ -666,7 +673,7 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         self.redecide(credential)
 
     def authenticate_refresh_token(self, refresh_token: str) -> RefreshCredential | None:
-        row: Row[Any] | None = self.presented
+        row: DriverRow | None = self.presented
         if row is None:
             return None
         grant = _grant(row)
@@ -684,7 +691,7 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         self.server.state().revoke_grant(grant.id, "refresh_token_reuse")
         return None
 
-    def _grace_successor(self, row: Row[Any], now: dt.datetime) -> str | None:
+    def _grace_successor(self, row: Row[Any] | DriverRow, now: dt.datetime) -> str | None:
         """Within the grace window after ``row`` was used, its successor (while unused) is
         handed out again to a parallel refresh."""
         grace = dt.timedelta(seconds=self.server.settings.tokens.refresh_reuse_grace)
@@ -798,12 +805,12 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
             details={"grant": grant.id, "scope": token.get("scope", "")},
         )
         hot = server.hot
-        if hot is None:  # SQLite
-            rotated = connection.execute(_ROTATE, rotation).scalars()
-            won = credential.token_hash in set(rotated)
+        if not hot.one_statement:  # SQLite
+            rotated = hot.rows(connection, _ROTATE, rotation)
+            won = any(row.token_hash == credential.token_hash for row in rotated)
             if won:
-                _insert_refresh_token(connection, rotation, parent_hash=credential.token_hash)
-                state.audited(entry, audit.insert_values(connection, entry))
+                hot.rows(connection, _SUCCESSOR_INSERT, rotation)
+                state.audited(entry, hot.event(connection, entry))
         else:
             event_id = hot.write(connection, ROTATE_ONCE, {**rotation, **audit.when_params(entry)})
             won = event_id is not None

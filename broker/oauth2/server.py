@@ -252,8 +252,8 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         self.db = db
         self.keys = keys
         self.sealer = sealer
-        # PostgreSQL: the token endpoint's statements on the driver's cursor (rfc6749.py).
-        self.hot = None if db.is_sqlite else HotStatements(db.engine)
+        # The token endpoint's statements on the driver's cursor (rfc6749.py).
+        self.hot = HotStatements(db.engine)
         for grant in self.TOKEN_GRANTS:
             # PKCE, S256 only, belongs to the code grant (OAuth 2.1 section 4.1.1).
             pkce = [S256CodeChallenge()] if grant is AuthorizationCodeGrant else None
