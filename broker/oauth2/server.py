@@ -137,10 +137,9 @@ class RequestState:
             self.close()
 
     def commit(self) -> None:
-        """The token endpoint's commit: the session's (which commits the connection's
-        transaction, and logs what it audited), or the connection's; then the audit events
-        written on the connection are logged."""
-        assert self._connect is not None
+        """Commit the request: the session's (at the token endpoint it commits the
+        connection's transaction too, and logs what it audited), or the connection's; then the
+        audit events written on the connection are logged."""
         if self._session is not None:
             self._session.commit()
         elif self._connection is not None:
@@ -150,7 +149,7 @@ class RequestState:
 
     def close(self) -> None:
         """Close the token endpoint's session and connection (a state made with a session
-        leaves it to its owner)."""
+        leaves closing it to the session's owner)."""
         if self._connect is None:
             return
         if self._session is not None:

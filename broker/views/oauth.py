@@ -236,35 +236,21 @@ def _run(call: Callable[[], Response], *, ok: int, statements: bool = False) -> 
     outside a transaction block (each grant writes what must be atomic in one statement;
     nothing a failed request would need undone is written before its last statement)."""
     b = broker()
-    if statements:
-        with b.server.request_state(
-            connect=b.db.statement_connection, address=client_address()
-        ) as state:
-            try:
-                response = call()
-                if response.status_code == ok:
-                    state.commit()
-                else:
-                    state.rollback()
-            except BaseException:
-                state.rollback()
-                raise
-            finally:
-                state.close()
-        b.server.apply_revocations(state)
-        return response
-    session = b.db.sessions()
-    try:
-        with oauth_state(session) as state:
+    session = None if statements else b.db.sessions()
+    connect = b.db.statement_connection if statements else None
+    with b.server.request_state(session, client_address(), connect=connect) as state:
+        try:
             response = call()
-        if response.status_code == ok:
-            session.commit()
-        else:
-            session.rollback()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+            if response.status_code == ok:
+                state.commit()
+            else:
+                state.rollback()
+        except BaseException:
+            state.rollback()
+            raise
+        finally:
+            state.close()
+            if session is not None:
+                session.close()
     b.server.apply_revocations(state)
     return response
