@@ -160,6 +160,42 @@ def test_a_sign_in_its_tokens_a_refusal_and_registrations_are_counted(public_app
     assert tokens.json["refresh_token"] not in response.text
 
 
+def test_a_token_whose_write_fails_is_not_counted(
+    public_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token is counted once its request commits: a refresh whose rotation cannot be
+    written (the database is locked) answers 503 and issued nothing."""
+    from sqlalchemy.exc import OperationalError
+
+    from broker.oauth2 import rfc6749
+
+    client = public_app.test_client()
+    client_id = register(client).json["client_id"]
+    verifier, challenge = pkce()
+    signed_in = sign_in_local(client, authorize_params(client_id, challenge))
+    tokens = redeem(client, client_id, query(signed_in.headers["Location"])["code"], verifier)
+    before = scrape(client)
+    rows = rfc6749.HotStatements.rows
+
+    def locked(self: Any, connection: Any, statement: Any, params: Any) -> Any:
+        if statement is rfc6749._ROTATE:
+            raise OperationalError("UPDATE refresh_tokens", None, Exception("database is locked"))
+        return rows(self, connection, statement, params)
+
+    monkeypatch.setattr(rfc6749.HotStatements, "rows", locked)
+    data = {
+        "grant_type": "refresh_token",
+        "refresh_token": tokens.json["refresh_token"],
+        "client_id": client_id,
+    }
+    assert client.post("/token", data=data).status_code == 503
+    name, labels = "broker_tokens_issued_total", {"grant_type": "refresh_token"}
+    assert delta(before, scrape(client), name, **labels, resource=RESOURCE) == 0
+    monkeypatch.undo()
+    assert client.post("/token", data=data).status_code == 200
+    assert delta(before, scrape(client), name, **labels, resource=RESOURCE) == 1
+
+
 def test_a_sign_in_the_rules_refuse_is_counted_as_denied(make_app: Callable[..., Flask]) -> None:
     app = make_app(
         metrics={"public": True},

@@ -21,8 +21,10 @@ import pytest
 from flask import Flask
 from sqlalchemy import event, select
 
+from broker import metrics
 from broker.models import Grant
 from tests.support import (
+    RESOURCE,
     authorize_params,
     free_port,
     pkce,
@@ -151,10 +153,13 @@ def test_redemptions_that_all_read_the_code_unused_give_tokens_once(
     digest = hashlib.sha256(code.encode()).hexdigest()
     data = redemption(client_id, code, verifier)
     lock = "SELECT 1 FROM authorization_codes WHERE code_hash = %s FOR UPDATE"
+    issued = metrics.TOKENS_ISSUED.labels("authorization_code", RESOURCE)
+    before = issued._value.get()
     responses = _race(app, database_url, lock, digest, data)
 
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] + [400] * (PARALLEL - 1), [r.text for r in responses]
+    assert issued._value.get() - before == 1  # the losers' tokens were never handed out
     assert {r.json()["error"] for r in responses if r.status_code == 400} == {"invalid_grant"}
     won = next(r.json() for r in responses if r.status_code == 200)
     after = client.post(

@@ -52,7 +52,7 @@ from authlib.oauth2.rfc6749.errors import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .. import audit, metrics
+from .. import audit
 from ..db import utcnow
 from ..keys import KeyRing, verification_key
 from ..models import Identity, RevokedToken, SigningKey, User
@@ -311,7 +311,7 @@ class TokenExchangeGrant(grants.BaseGrant, grants.TokenEndpointMixin):  # type: 
                 "refreshed": current.refreshed,
             },
         )
-        metrics.token_issued(TOKEN_EXCHANGE, self.server.settings.resource(exchange.resource))
+        state.issued(TOKEN_EXCHANGE, self.server.settings.resource(exchange.resource))
         headers: list[tuple[str, str]] = list(self.TOKEN_RESPONSE_HEADER)
         return 200, body, headers
 

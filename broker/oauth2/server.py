@@ -32,7 +32,7 @@ from werkzeug.wrappers import Request, Response
 from providers.contract import Identity as UpstreamIdentity
 
 from .. import audit, metrics
-from ..config import Settings
+from ..config import ResourceSettings, Settings
 from ..crypto import Sealer, new_token
 from ..db import Database, UTCDateTime, utcnow
 from ..keys import KeyRing
@@ -90,6 +90,7 @@ class RequestState:
         self.clients: dict[str, OAuthClient | None] = {}
         self.recheck: RecheckDue | None = None
         self._audited: list[dict[str, Any]] = []
+        self._issued: list[tuple[str, ResourceSettings | None]] = []
 
     @property
     def session(self) -> Session:
@@ -122,6 +123,12 @@ class RequestState:
         entry["id"] = event_id
         self._audited.append(entry)
 
+    def issued(self, grant_type: str, resource: ResourceSettings | None) -> None:
+        """A token of ``grant_type`` for ``resource`` is in the response: counted
+        (``broker_tokens_issued_total``) once the request commits, so a token whose claim
+        was then lost to a parallel request, or whose write failed, is not."""
+        self._issued.append((grant_type, resource))
+
     def rollback(self) -> None:
         """Undo what the request wrote (before retrying its first statement on a fresh
         connection, or when it fails). A connection of the token endpoint's that was lost is
@@ -132,6 +139,7 @@ class RequestState:
         elif self._connection is not None:
             self._connection.rollback()
         self._audited.clear()
+        self._issued.clear()
         lost = self._connection is not None and self._connection.invalidated
         if lost and self._connect is not None:
             self.close()
@@ -146,6 +154,9 @@ class RequestState:
             self._connection.commit()
         audited, self._audited = self._audited, []
         audit.log_written(audited)
+        issued, self._issued = self._issued, []
+        for grant_type, resource in issued:
+            metrics.token_issued(grant_type, resource)
 
     def close(self) -> None:
         """Close the token endpoint's session and connection (a state made with a session
@@ -522,7 +533,7 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
                 extra=extra,
             ),
         )
-        metrics.token_issued(grant_type, self.settings.resource(audience))
+        self.state().issued(grant_type, self.settings.resource(audience))
         token: dict[str, Any] = {
             "access_token": access_token,
             "token_type": "Bearer",
