@@ -176,7 +176,12 @@ def test_rotations_while_tokens_are_issued_and_verified(app: Flask) -> None:
                 age_next_key(app)
                 db, keys = ring(app)
                 with db.session() as session:
-                    keys.rotate(session)
+                    rotation = keys.rotate(session)
+                # Under load a thread may not run for a while: wait until this host has signed
+                # (and the MCP server verified) with the key just activated.
+                deadline = time.monotonic() + 20
+                while ("this", rotation.active) not in signed and time.monotonic() < deadline:
+                    time.sleep(0.01)
             time.sleep(2 * max_age)
         finally:
             stop.set()
