@@ -144,10 +144,83 @@ _CONSUME = _CLAIM.where(_pending_logins.c.expires_at > bindparam("at", type_=UTC
 )
 
 
-def _upsert(connection: Connection, table: Table) -> Any:
-    """``INSERT ... ON CONFLICT`` of the connection's dialect (PostgreSQL or SQLite)."""
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+def _upserts(insert_of: Any) -> dict[str, Any]:
+    """The sign-in's ``INSERT ... ON CONFLICT`` statements, with ``insert_of`` (the dialect's
+    ``insert``), built once: the identity (linked to the user of a parallel first sign-in that
+    stored it first, its facts this sign-in's), the upstream tokens (a sign-in without a new
+    refresh token keeps the stored one) and the consent (another sign-in's, committed since
+    this one read it, becomes this one's). Parameters are named after no column."""
+    at = bindparam("at", type_=UTCDateTime())
+    identity = insert_of(_identities).values(
+        user_id=bindparam("user"),
+        provider=bindparam("provider"),
+        subject=bindparam("subject"),
+        snapshot=bindparam("seen", type_=_identities.c.snapshot.type),
+        created_at=at,
+        last_login_at=at,
+    )
+    tokens = insert_of(_upstream_tokens).values(
+        identity_id=bindparam("identity"),
+        provider=bindparam("provider"),
+        access_token_sealed=bindparam("access"),
+        refresh_token_sealed=bindparam("refresh"),
+        expires_at=bindparam("until", type_=UTCDateTime()),
+        scope=bindparam("granted"),
+        context=bindparam("facts", type_=_upstream_tokens.c.context.type),
+        key_version=1,
+        updated_at=at,
+    )
+    identity = identity.returning(_identities.c.id, _identities.c.user_id)
+    consent = insert_of(_consents).values(
+        user_id=bindparam("user"),
+        client_id=bindparam("client"),
+        resource=bindparam("resource"),
+        scopes=bindparam("approved", type_=_consents.c.scopes.type),
+        redirect_digest=bindparam("digest"),
+        granted_at=at,
+        revoked_at=None,
+    )
+    return {
+        "identity": identity.returning(
+            _identities.c.id, _identities.c.user_id
+        ).on_conflict_do_update(
+            index_elements=[_identities.c.provider, _identities.c.subject],
+            set_={
+                "snapshot": identity.excluded.snapshot,
+                "last_login_at": identity.excluded.last_login_at,
+            },
+        ),
+        "tokens": tokens.on_conflict_do_update(
+            index_elements=[_upstream_tokens.c.identity_id],
+            set_={
+                "access_token_sealed": tokens.excluded.access_token_sealed,
+                "refresh_token_sealed": func.coalesce(
+                    tokens.excluded.refresh_token_sealed, _upstream_tokens.c.refresh_token_sealed
+                ),
+                "expires_at": tokens.excluded.expires_at,
+                "scope": tokens.excluded.scope,
+                "context": tokens.excluded.context,
+                "updated_at": tokens.excluded.updated_at,
+            },
+        ),
+        "consent": consent.on_conflict_do_update(
+            index_elements=[_consents.c.user_id, _consents.c.client_id, _consents.c.resource],
+            set_={
+                "scopes": consent.excluded.scopes,
+                "redirect_digest": consent.excluded.redirect_digest,
+                "granted_at": consent.excluded.granted_at,
+                "revoked_at": None,
+            },
+        ),
+    }
+
+
+_UPSERTS = {"postgresql": _upserts(postgresql.insert), "sqlite": _upserts(sqlite.insert)}
+
+
+def _upsert(connection: Connection, name: str) -> Any:
+    """The upsert ``name`` of :func:`_upserts` for the connection's database."""
+    return _UPSERTS[connection.dialect.name][name]
 
 
 @dataclass(frozen=True)
@@ -923,23 +996,16 @@ class AuthorizationFlow:
         is the identity's), and the user made here for nothing is removed again."""
         user_id = "usr_" + secrets.token_urlsafe(18)
         connection.execute(_NEW_USER, {"id": user_id, "created_at": now})
-        statement = (
-            _upsert(connection, _identities)
-            .values(
-                user_id=user_id,
-                provider=upstream.provider,
-                subject=upstream.subject,
-                snapshot=snapshot,
-                created_at=now,
-                last_login_at=now,
-            )
-            .returning(_identities.c.id, _identities.c.user_id)
-        )
-        statement = statement.on_conflict_do_update(
-            index_elements=[_identities.c.provider, _identities.c.subject],
-            set_={"snapshot": statement.excluded.snapshot, "last_login_at": now},
-        )
-        row = connection.execute(statement).one()
+        row = connection.execute(
+            _upsert(connection, "identity"),
+            {
+                "user": user_id,
+                "provider": upstream.provider,
+                "subject": upstream.subject,
+                "seen": snapshot,
+                "at": now,
+            },
+        ).one()
         if row.user_id != user_id:
             connection.execute(_users.delete().where(_users.c.id == user_id))
             disabled = connection.execute(
@@ -963,33 +1029,22 @@ class AuthorizationFlow:
             if tokens.refresh_token
             else None
         )
-        statement = _upsert(connection, _upstream_tokens).values(
-            identity_id=identity.id,
-            provider=identity.provider,
-            access_token_sealed=self.sealer.seal_text(tokens.access_token, aad + ":access"),
-            refresh_token_sealed=refresh,
-            expires_at=(
-                dt.datetime.fromtimestamp(tokens.expires_at, dt.UTC) if tokens.expires_at else None
-            ),
-            scope=tokens.scope,
-            context=dict(tokens.context),
-            key_version=1,
-            updated_at=utcnow(),
-        )
-        kept = _upstream_tokens.c.refresh_token_sealed
-        new = statement.excluded
         connection.execute(
-            statement.on_conflict_do_update(
-                index_elements=[_upstream_tokens.c.identity_id],
-                set_={
-                    "access_token_sealed": new.access_token_sealed,
-                    "refresh_token_sealed": func.coalesce(new.refresh_token_sealed, kept),
-                    "expires_at": new.expires_at,
-                    "scope": new.scope,
-                    "context": new.context,
-                    "updated_at": new.updated_at,
-                },
-            )
+            _upsert(connection, "tokens"),
+            {
+                "identity": identity.id,
+                "provider": identity.provider,
+                "access": self.sealer.seal_text(tokens.access_token, aad + ":access"),
+                "refresh": refresh,
+                "until": (
+                    dt.datetime.fromtimestamp(tokens.expires_at, dt.UTC)
+                    if tokens.expires_at
+                    else None
+                ),
+                "granted": tokens.scope,
+                "facts": dict(tokens.context),
+                "at": utcnow(),
+            },
         )
 
     def new_browser_session(self, session: Session, identity: Identity | LinkedIdentity) -> str:
@@ -1254,31 +1309,18 @@ class AuthorizationFlow:
         now = utcnow()
         if consent is None:
             approved = sorted(set(scopes))
-            statement = _upsert(connection, _consents).values(
-                user_id=user_id,
-                client_id=client.client_id,
-                resource=resource,
-                scopes=approved,
-                redirect_digest=digest,
-                granted_at=now,
-                revoked_at=None,
-            )
             # Another sign-in of this user for this client and resource that committed since
             # the read: its consent is this one's.
             connection.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[
-                        _consents.c.user_id,
-                        _consents.c.client_id,
-                        _consents.c.resource,
-                    ],
-                    set_={
-                        "scopes": statement.excluded.scopes,
-                        "redirect_digest": statement.excluded.redirect_digest,
-                        "granted_at": statement.excluded.granted_at,
-                        "revoked_at": None,
-                    },
-                )
+                _upsert(connection, "consent"),
+                {
+                    "user": user_id,
+                    "client": client.client_id,
+                    "resource": resource,
+                    "approved": approved,
+                    "digest": digest,
+                    "at": now,
+                },
             )
         else:
             if consent.revoked_at is None and consent.redirect_digest == digest:
