@@ -26,15 +26,10 @@ from tests.test_provider_signins import (  # noqa: F401 (fixtures)
 from tests.test_statement_counts import statements
 
 # The local provider's form, posted: the pending login (the form's check, then the finish),
-# the per-user and per-address limits of failed sign-ins, then the finish itself.
-FIRST_SIGN_IN = [
-    "SELECT pending_logins",
-    "SELECT rate_limit_counters",
-    "SELECT rate_limit_counters",
-    "SELECT pending_logins",
-    "SELECT identities",
-    "INSERT users",
-    "INSERT identities",
+# the per-user and per-address limits of failed sign-ins, then the finish itself: who signed
+# in, linked, then what every finish writes.
+LINKED = ["SELECT identities", "INSERT users", "INSERT identities"]
+FINISHED = [
     "INSERT browser_sessions",
     "UPDATE pending_logins",
     "SELECT clients",
@@ -45,17 +40,22 @@ FIRST_SIGN_IN = [
     "INSERT audit_events",
     "INSERT authorization_codes",
 ]
+FIRST_SIGN_IN = [
+    "SELECT pending_logins",
+    "SELECT rate_limit_counters",
+    "SELECT rate_limit_counters",
+    "SELECT pending_logins",
+    *LINKED,
+    *FINISHED,
+]
 # A known identity: its facts updated instead of a user and an identity inserted; the
 # consent given before updated.
 AGAIN = [
     *FIRST_SIGN_IN[:5],
     "UPDATE identities",
-    "INSERT browser_sessions",
-    "UPDATE pending_logins",
-    "SELECT clients",
-    "SELECT consents",
+    *FINISHED[:4],
     "UPDATE consents",
-    *FIRST_SIGN_IN[12:],
+    *FINISHED[5:],
 ]
 
 
@@ -160,19 +160,9 @@ def test_a_sign_in_without_a_new_upstream_refresh_token_keeps_the_stored_one(app
 CALLBACK = [
     "SELECT pending_logins",
     "UPDATE pending_logins",
-    "SELECT identities",
-    "INSERT users",
-    "INSERT identities",
+    *LINKED,
     "INSERT upstream_tokens",
-    "INSERT browser_sessions",
-    "UPDATE pending_logins",
-    "SELECT clients",
-    "SELECT consents",
-    "INSERT consents",
-    "INSERT audit_events",
-    "INSERT grants",
-    "INSERT audit_events",
-    "INSERT authorization_codes",
+    *FINISHED,
 ]
 
 
