@@ -30,6 +30,7 @@ __all__ = [
     "forwarded_allow_ips",
     "graceful_timeout",
     "keepalive",
+    "logger_class",
     "loglevel",
     "on_exit",
     "on_starting",
@@ -55,6 +56,8 @@ forwarded_allow_ips = os.environ.get("BROKER_FORWARDED_ALLOW_IPS", "127.0.0.1")
 accesslog = "-"
 # %(U)s is the path without the query string: codes and states never reach the access log.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms pid=%(p)s'
+# gunicorn's logger, computing only the access-log values the format names (broker.gunicorn_log).
+logger_class = "broker.gunicorn_log.AccessLogger"
 errorlog = "-"
 loglevel = os.environ.get("BROKER_LOG_LEVEL", "info")
 
