@@ -29,7 +29,17 @@ from typing import Any, NamedTuple, cast
 import psycopg
 from psycopg.rows import tuple_row
 from psycopg.types.json import Json
-from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Insert,
+    MetaData,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+)
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import (
     ArgumentError,
@@ -222,7 +232,8 @@ class DriverRow:
 
 class DriverStatement(ABC):
     """A Core statement compiled once for the engine's dialect and run on the driver's cursor
-    of a SQLAlchemy connection, for the token endpoint's hot path: there SQLAlchemy's work per
+    of a SQLAlchemy connection, for the hot paths (the token endpoint, the end of a sign-in:
+    :class:`DriverStatements`): there SQLAlchemy's work per
     execution (the compiled-cache lookup, an execution context, the parameters' and the
     result's processors looked up, the result's metadata) cost more CPU than the statement
     itself. :func:`driver_statement` makes the one for an engine: :class:`PsycopgStatement`
@@ -322,6 +333,48 @@ def driver_statement(
     if name == "sqlite":
         return SQLiteStatement(statement, engine, json_params=json_params)
     raise ArgumentError(f"no driver statements for {name}")
+
+
+class DriverStatements:
+    """Statements built once (module constants, told apart by identity) run on the driver's
+    cursor of ``engine``'s connections, each compiled (:func:`driver_statement`) on its first
+    run: for a request path that sends several statements, such as the end of a sign-in, where
+    SQLAlchemy's and the driver's work per execution is most of each statement's cost. Two
+    threads compiling the same statement at once both get the same result."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._compiled: dict[int, tuple[Any, DriverStatement]] = {}
+
+    def rows(
+        self,
+        connection: Connection,
+        statement: Any,
+        params: Mapping[str, Any],
+        *,
+        json_params: tuple[str, ...] = (),
+    ) -> list[DriverRow]:
+        """Run ``statement`` with ``params`` on ``connection`` (in its transaction, which is
+        begun when none is in progress); its rows. ``json_params``: the parameters bound as
+        JSON (:class:`DriverStatement`), the same at every call."""
+        entry = self._compiled.get(id(statement))
+        if entry is None or entry[0] is not statement:
+            entry = (
+                statement,
+                driver_statement(statement, self.engine, json_params=json_params),
+            )
+            self._compiled[id(statement)] = entry
+        compiled = entry[1]
+        assert compiled.json_params == json_params, "one statement, one set of JSON parameters"
+        return compiled.rows(connection, params)
+
+
+def insert_every_column(table: Table) -> Insert:
+    """An ``INSERT`` of one row of ``table`` with a value for every column, each parameter
+    named as its column: what a driver statement can run (it computes no column default)."""
+    return insert(table).values(
+        {column.key: bindparam(column.key, type_=column.type) for column in table.columns}
+    )
 
 
 class PsycopgStatement(DriverStatement):

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749.errors import InvalidRequestError
-from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -41,7 +41,7 @@ from providers.errors import AccessDenied, LoginFailed, ProviderError, UpstreamU
 from . import audit, policy
 from .config import ResourceSettings, Settings
 from .crypto import Sealer, SealError, new_token, token_hash
-from .db import UTCDateTime, utcnow
+from .db import DriverRow, UTCDateTime, insert_every_column, utcnow
 from .models import (
     BrowserSession,
     Client,
@@ -105,9 +105,9 @@ _IDENTITY_FACTS = (
     .where(_identities.c.id == bindparam("identity"))
     .values(snapshot=bindparam("seen"))
 )
-_NEW_USER = insert(_users)
-_NEW_SESSION = insert(_browser_sessions)
-_NEW_GRANT = insert(_grants)
+_NEW_USER = insert_every_column(_users)
+_NEW_SESSION = insert_every_column(_browser_sessions)
+_NEW_GRANT = insert_every_column(_grants)
 _CONSENT_READ = select(
     _consents.c.id, _consents.c.scopes, _consents.c.redirect_digest, _consents.c.revoked_at
 ).where(
@@ -130,6 +130,7 @@ _CLAIM = (
     update(_pending_logins)
     .where(_pending_logins.c.id == bindparam("pending"), _pending_logins.c.completed_at.is_(None))
     .values(completed_at=bindparam("at", type_=UTCDateTime()))
+    .returning(_pending_logins.c.id)  # a row: this request won the claim
 )
 _FINISH_CLAIM = _CLAIM.values(user_id=bindparam("user"), identity_id=bindparam("linked"))
 _SIGNED_IN = (
@@ -221,6 +222,19 @@ _UPSERTS = {"postgresql": _upserts(postgresql.insert), "sqlite": _upserts(sqlite
 def _upsert(connection: Connection, name: str) -> Any:
     """The upsert ``name`` of :func:`_upserts` for the connection's database."""
     return _UPSERTS[connection.dialect.name][name]
+
+
+# The parameters of the sign-in's statements that are bound as JSON (AuthorizationFlow._run).
+_JSON_PARAMS: dict[int, tuple[str, ...]] = {
+    id(_IDENTITY_SEEN): ("seen",),
+    id(audit.INSERT_RETURNING): ("details",),
+    id(_CONSENT_UPDATE): ("approved",),
+    **{
+        id(upserts[name]): (param,)
+        for upserts in _UPSERTS.values()
+        for name, param in (("identity", "seen"), ("tokens", "facts"), ("consent", "approved"))
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -336,6 +350,26 @@ class AuthorizationFlow:
         self.settings = settings
         self.server = server
         self.sealer = sealer
+
+    # -- statements ------------------------------------------------------------------------
+
+    def _run(
+        self, connection: Connection, statement: Any, params: dict[str, Any]
+    ) -> list[DriverRow]:
+        """One of the sign-in's statements, on the driver's cursor of ``connection`` (in the
+        session's transaction): SQLAlchemy's and the driver's work for each execution was
+        more CPU than the statement itself, and a sign-in sends a dozen."""
+        return self.server.sql.rows(
+            connection, statement, params, json_params=_JSON_PARAMS.get(id(statement), ())
+        )
+
+    def _event(self, session: Session, connection: Connection, entry: dict[str, Any]) -> None:
+        """Insert the audit event ``entry`` (:func:`broker.audit.values`) on the driver's
+        cursor; it is logged once the session's transaction commits (:func:`audit.written`).
+        Not inside a savepoint: its rollback would not take the line back."""
+        assert not session.in_nested_transaction()
+        (row,) = self._run(connection, audit.INSERT_RETURNING, entry)
+        audit.written(session, entry, int(row.id))
 
     # -- /authorize ------------------------------------------------------------------------
 
@@ -899,7 +933,7 @@ class AuthorizationFlow:
         now = utcnow()
         # Consumed and its upstream secrets dropped in one statement (the ORM's update of the
         # loaded row would be a second one).
-        won = session.connection().execute(_CONSUME, {"pending": pending.id, "at": now}).rowcount
+        won = self._run(session.connection(), _CONSUME, {"pending": pending.id, "at": now})
         if not won:
             raise FlowError(
                 400,
@@ -950,16 +984,16 @@ class AuthorizationFlow:
         user = session.get(User, user_id)
         return user is None or user.disabled_at is not None
 
-    @staticmethod
-    def _identity_row(session: Session, upstream: UpstreamIdentity) -> LinkedIdentity | None:
+    def _identity_row(self, session: Session, upstream: UpstreamIdentity) -> LinkedIdentity | None:
         """The stored identity of ``upstream`` with its user's standing, in one read."""
-        row = (
-            session.connection()
-            .execute(_IDENTITY_READ, {"provider": upstream.provider, "subject": upstream.subject})
-            .first()
+        found = self._run(
+            session.connection(),
+            _IDENTITY_READ,
+            {"provider": upstream.provider, "subject": upstream.subject},
         )
-        if row is None:
+        if not found:
             return None
+        row = found[0]
         return LinkedIdentity(
             row.id, row.user_id, row.provider, row.snapshot, row.disabled_at is not None
         )
@@ -979,7 +1013,7 @@ class AuthorizationFlow:
         connection = session.connection()
         snapshot = upstream.snapshot()
         if row is not None:
-            connection.execute(_IDENTITY_SEEN, {"identity": row.id, "seen": snapshot, "at": now})
+            self._run(connection, _IDENTITY_SEEN, {"identity": row.id, "seen": snapshot, "at": now})
             linked = LinkedIdentity(row.id, row.user_id, row.provider, snapshot, row.disabled)
         else:
             linked = self._new_identity(connection, upstream, snapshot, now)
@@ -987,16 +1021,20 @@ class AuthorizationFlow:
             self._store_upstream_tokens(connection, linked, result)
         return linked
 
-    @staticmethod
     def _new_identity(
-        connection: Connection, upstream: UpstreamIdentity, snapshot: dict[str, Any], now: Any
+        self,
+        connection: Connection,
+        upstream: UpstreamIdentity,
+        snapshot: dict[str, Any],
+        now: Any,
     ) -> LinkedIdentity:
         """A first sign-in: a new user and its identity. The same identity signing in on
         another worker at the same moment inserts it first: then that one is linked (its user
         is the identity's), and the user made here for nothing is removed again."""
         user_id = "usr_" + secrets.token_urlsafe(18)
-        connection.execute(_NEW_USER, {"id": user_id, "created_at": now})
-        row = connection.execute(
+        self._run(connection, _NEW_USER, {"id": user_id, "created_at": now, "disabled_at": None})
+        (row,) = self._run(
+            connection,
             _upsert(connection, "identity"),
             {
                 "user": user_id,
@@ -1005,7 +1043,7 @@ class AuthorizationFlow:
                 "seen": snapshot,
                 "at": now,
             },
-        ).one()
+        )
         if row.user_id != user_id:
             connection.execute(_users.delete().where(_users.c.id == user_id))
             disabled = connection.execute(
@@ -1029,7 +1067,8 @@ class AuthorizationFlow:
             if tokens.refresh_token
             else None
         )
-        connection.execute(
+        self._run(
+            connection,
             _upsert(connection, "tokens"),
             {
                 "identity": identity.id,
@@ -1050,7 +1089,8 @@ class AuthorizationFlow:
     def new_browser_session(self, session: Session, identity: Identity | LinkedIdentity) -> str:
         value = new_token(32)
         now = utcnow()
-        session.connection().execute(
+        self._run(
+            session.connection(),
             _NEW_SESSION,
             {
                 "id_hash": token_hash(value),
@@ -1127,8 +1167,8 @@ class AuthorizationFlow:
         linked = {} if identity is None else {"user": identity.user_id, "linked": identity.id}
         if pending.completed_at is None:
             statement = _FINISH_CLAIM if identity is not None else _CLAIM
-            claimed = connection.execute(statement, {"pending": pending.id, "at": now, **linked})
-            if not claimed.rowcount:
+            claimed = self._run(connection, statement, {"pending": pending.id, "at": now, **linked})
+            if not claimed:
                 raise FlowError(
                     400,
                     "Sign-in request already used",
@@ -1137,7 +1177,7 @@ class AuthorizationFlow:
                 )
             set_committed_value(pending, "completed_at", now)
         elif identity is not None:
-            connection.execute(_SIGNED_IN, {"pending": pending.id, **linked})
+            self._run(connection, _SIGNED_IN, {"pending": pending.id, **linked})
         if identity is not None:
             set_committed_value(pending, "user_id", identity.user_id)
             set_committed_value(pending, "identity_id", identity.id)
@@ -1249,7 +1289,8 @@ class AuthorizationFlow:
             user_disabled_at=None,
             identity=None,
         )
-        connection.execute(
+        self._run(
+            connection,
             _NEW_GRANT,
             {
                 "id": grant.id,
@@ -1264,8 +1305,9 @@ class AuthorizationFlow:
                 "revoke_reason": None,
             },
         )
-        audit.write_values(
+        self._event(
             session,
+            connection,
             audit.values(
                 "login",
                 "success",
@@ -1277,7 +1319,6 @@ class AuthorizationFlow:
                 address=address,
                 details={"grant": grant.id, "scope": grant.scope},
             ),
-            connection=connection,
         )
         oauth_request = self.server.stored_authorization_request(pending.request_params)
         with self.server.request_state(session, address):
@@ -1304,14 +1345,16 @@ class AuthorizationFlow:
     ) -> None:
         connection = session.connection()
         where = {"user": user_id, "client": client.client_id, "resource": resource}
-        consent = connection.execute(_CONSENT_READ, where).first()
+        found = self._run(connection, _CONSENT_READ, where)
+        consent = found[0] if found else None
         digest = redirect_digest(client.redirect_uris)
         now = utcnow()
         if consent is None:
             approved = sorted(set(scopes))
             # Another sign-in of this user for this client and resource that committed since
             # the read: its consent is this one's.
-            connection.execute(
+            self._run(
+                connection,
                 _upsert(connection, "consent"),
                 {
                     "user": user_id,
@@ -1326,12 +1369,14 @@ class AuthorizationFlow:
             if consent.revoked_at is None and consent.redirect_digest == digest:
                 scopes = [*scopes, *consent.scopes]
             approved = sorted(set(scopes))
-            connection.execute(
+            self._run(
+                connection,
                 _CONSENT_UPDATE,
                 {"consent": consent.id, "approved": approved, "digest": digest, "at": now},
             )
-        audit.write_values(
+        self._event(
             session,
+            connection,
             audit.values(
                 "consent",
                 "success",
@@ -1341,5 +1386,4 @@ class AuthorizationFlow:
                 resource=resource,
                 details={"scopes": approved},
             ),
-            connection=connection,
         )

@@ -42,7 +42,7 @@ from sqlalchemy.exc import (
 
 from broker import audit
 from broker.crypto import token_hash
-from broker.db import UTCDateTime, driver_statement
+from broker.db import DriverStatements, UTCDateTime, driver_statement, insert_every_column
 from broker.models import AuditEvent, AuthorizationCode, RefreshToken
 from broker.oauth2 import rfc6749
 from broker.oauth2.rfc6749 import REDEEM_ONCE
@@ -248,6 +248,32 @@ def test_what_sqlalchemy_completes_at_execution_is_refused(url: str) -> None:
     )
     with pytest.raises(ArgumentError, match="defaults"):
         driver_statement(defaulted, engine)
+
+
+def test_statements_are_compiled_once_and_a_new_one_at_an_old_address_anew(
+    make_app: Callable[..., Flask],
+) -> None:
+    """``DriverStatements`` (the end of a sign-in's statements): each statement is compiled
+    on its first run and kept; one that happens to sit where a collected one sat is not taken
+    for it. ``insert_every_column`` gives a row's every column (no default computed)."""
+    engine = _engine(make_app())
+    statements = DriverStatements(engine)
+    marks = table("t_marks", column("v"), column("n", Integer))
+    add = insert(marks).values(v=bindparam("v"), n=bindparam("n"))
+    count = select(func.count()).select_from(marks)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TEMPORARY TABLE t_marks (v varchar(8), n integer)")
+        assert statements.rows(connection, add, {"v": "a", "n": 1}) == []
+        compiled = statements._compiled[id(add)][1]
+        assert statements.rows(connection, add, {"v": "b", "n": 2}) == []
+        assert statements._compiled[id(add)][1] is compiled
+        # Another statement registered under this one's id, as after a collection: compiled anew.
+        statements._compiled[id(count)] = (add, compiled)
+        assert statements.rows(connection, count, {})[0]._mapping == {"count_1": 2}
+        assert statements._compiled[id(count)][0] is count
+    every = insert_every_column(inspect(AuditEvent).local_table)
+    assert set(every.compile().params) == {c.key for c in AuditEvent.__table__.columns}
+    driver_statement(every, engine)  # no column default left to compute: accepted
 
 
 SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

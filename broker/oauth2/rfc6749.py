@@ -51,7 +51,15 @@ from providers.contract import Identity as UpstreamIdentity
 
 from .. import audit, policy
 from ..crypto import token_hash
-from ..db import DriverRow, DriverStatement, UTCDateTime, driver_statement, first_rows, utcnow
+from ..db import (
+    DriverRow,
+    DriverStatement,
+    UTCDateTime,
+    driver_statement,
+    first_rows,
+    insert_every_column,
+    utcnow,
+)
 from ..models import AuthorizationCode, Client, Grant, Identity, RefreshToken, User
 from .errors import InvalidTargetError
 from .rfc8707 import resolve_resource
@@ -317,7 +325,7 @@ _CODE_READ = (
     .select_from(_with_grant(_codes, _codes.c.client_id))
     .where(_codes.c.code_hash == bindparam("digest"))
 )
-_CODE_INSERT = insert(_codes)
+_CODE_INSERT = insert_every_column(_codes)
 # The claim returns the code's hash when this request won it.
 _CODE_CLAIM = (
     update(_codes)
@@ -535,7 +543,8 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         grant_user: GrantUser = request.user
         data = request.payload.data
         now = utcnow()
-        state.connection().execute(
+        self.server.sql.rows(
+            state.connection(),
             _CODE_INSERT,
             {
                 "code_hash": token_hash(code),

@@ -34,7 +34,7 @@ from providers.contract import Identity as UpstreamIdentity
 from .. import audit, metrics
 from ..config import ResourceSettings, Settings
 from ..crypto import Sealer, new_token
-from ..db import Database, UTCDateTime, utcnow
+from ..db import Database, DriverStatements, UTCDateTime, utcnow
 from ..keys import KeyRing
 from ..models import Client, Grant, Identity, RefreshToken
 from ..ratelimit import RateLimiter, Verdict
@@ -262,8 +262,10 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         self.db = db
         self.keys = keys
         self.sealer = sealer
-        # The token endpoint's statements on the driver's cursor (rfc6749.py).
+        # The token endpoint's statements on the driver's cursor (rfc6749.py), and those of
+        # the end of a sign-in (broker/flow.py, the code's insert).
         self.hot = HotStatements(db.engine)
+        self.sql = DriverStatements(db.engine)
         for grant in self.TOKEN_GRANTS:
             # PKCE, S256 only, belongs to the code grant (OAuth 2.1 section 4.1.1).
             pkce = [S256CodeChallenge()] if grant is AuthorizationCodeGrant else None
