@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
+import endpoint_cpu
 import httpx
 import yaml
 from token_endpoint import (
@@ -213,6 +214,7 @@ class Settings:
     rounds: int
     keep: bool
     sign_in: str
+    by_endpoint: bool = False
 
 
 def write_config(directory: Path, port: int, db_url: str, issuer: str) -> Path:
@@ -266,9 +268,16 @@ def measure(settings: Settings, work: Path) -> dict[str, Any]:
         db_url = stack.enter_context(database(settings.database_url, work, "login"))
         config = write_config(work, port, db_url, idp.issuer)
         upgrade(config)
+        counted = work / "endpoint-cpu" if settings.by_endpoint else None
         instance = stack.enter_context(
             gunicorn(
-                config, port, db_url, work / "gunicorn.log", settings.workers, settings.threads
+                config,
+                port,
+                db_url,
+                work / "gunicorn.log",
+                settings.workers,
+                settings.threads,
+                by_endpoint=counted,
             )
         )
         logins = Logins(instance.url, idp.issuer, register(instance.url))
@@ -285,13 +294,20 @@ def measure(settings: Settings, work: Path) -> dict[str, Any]:
         totals = {name: Phase(name) for name in phases}
         idp_cpu = dict.fromkeys(phases, 0.0)
         per_round = []
+        by_endpoint: dict[str, tuple[int, float]] = {}
         for index in range(settings.rounds):
             order = list(phases) if index % 2 == 0 else list(reversed(phases))
             rates = {}
             for name in order:
                 before = process_cpu(idp_pid)
+                counted_before = endpoint_cpu.totals(counted) if counted else {}
                 phase = run_load(instance, name, c, phases[name], duration=settings.duration)
                 idp_cpu[name] += process_cpu(idp_pid) - before
+                if counted is not None and name == "broker":
+                    spent = endpoint_cpu.difference(endpoint_cpu.totals(counted), counted_before)
+                    for key, (count, seconds) in spent.items():
+                        was = by_endpoint.get(key, (0, 0.0))
+                        by_endpoint[key] = (was[0] + count, was[1] + seconds)
                 if phase.errors:
                     raise SystemExit(f"{name} failed: {phase.first_error}")
                 totals[name].add(phase)
@@ -302,7 +318,12 @@ def measure(settings: Settings, work: Path) -> dict[str, Any]:
                 + ", ".join(f"{name} {rate:,.1f} logins/s" for name, rate in rates.items()),
                 flush=True,
             )
-    return {"totals": totals, "idp_cpu": idp_cpu, "per_round": per_round}
+    return {
+        "totals": totals,
+        "idp_cpu": idp_cpu,
+        "per_round": per_round,
+        "by_endpoint": by_endpoint,
+    }
 
 
 def report(settings: Settings, result: dict[str, Any]) -> float:
@@ -333,6 +354,8 @@ def report(settings: Settings, result: dict[str, Any]) -> float:
             f"{result['idp_cpu'][name] * 1e3 / count:>11.2f} "
             f"{phase.client_cpu * 1e3 / count:>14.2f} {phase.count:>7,}"
         )
+    if result["by_endpoint"]:
+        by_endpoint_report(result["by_endpoint"], totals["broker"])
     ratio = totals["broker"].rate / totals["upstream"].rate
     rounds = [r["broker"] / r["upstream"] for r in result["per_round"]]
     print(
@@ -340,6 +363,33 @@ def report(settings: Settings, result: dict[str, Any]) -> float:
         "per round " + ", ".join(f"{r:.2f}" for r in rounds)
     )
     return ratio
+
+
+# The broker's requests of one login (bench/login.py's Logins.through_broker), in order.
+LOGIN_REQUESTS = [
+    "GET /authorize",
+    "GET /consent",
+    "POST /consent",
+    "GET /callback/corp",
+    "POST /token",
+]
+
+
+def by_endpoint_report(spent: dict[str, tuple[int, float]], broker: Phase) -> None:
+    """The broker's CPU per login by request: inside the application (each request's thread
+    CPU, :mod:`endpoint_cpu`; a worker writes its sums every few requests, so the mean per
+    request is exact and the counts are not), and what is left of the workers' CPU per login
+    (gunicorn: parsing each request, writing the answer, its threads and poller)."""
+    print("\n(b)'s broker CPU per login, by request (thread CPU inside the application):")
+    inside = 0.0
+    for key in LOGIN_REQUESTS:
+        count, seconds = spent.get(key, (0, 0.0))
+        each = seconds * 1e3 / max(count, 1)
+        inside += each
+        print(f"  {key:<24} {each:>7.2f} ms  ({count:,} requests)")
+    total = broker.server_cpu * 1e3 / max(broker.count, 1)
+    print(f"  {'the application':<24} {inside:>7.2f} ms")
+    print(f"  {'gunicorn and the rest':<24} {total - inside:>7.2f} ms (of {total:.2f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         help="form (default): the IdP's sign-in form with a password check; hint: the tests' "
         "IdP that signs in without either",
     )
+    parser.add_argument(
+        "--by-endpoint",
+        action="store_true",
+        help="also print the broker's CPU per login by endpoint (served by endpoint_cpu.py)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     settings = Settings(
@@ -374,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds or (2 if args.quick else 4),
         keep=args.keep,
         sign_in=args.upstream_sign_in,
+        by_endpoint=args.by_endpoint,
     )
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="broker-bench-login-"))

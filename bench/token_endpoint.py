@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import endpoint_cpu
 import httpx
 import yaml
 from sqlalchemy import JSON, BindParameter, bindparam, func, insert, select, text
@@ -73,6 +74,7 @@ from broker.models import Grant, RefreshToken
 from providers.local import hash_password
 
 ROOT = Path(__file__).resolve().parents[1]
+ENDPOINT_CPU_ENV = "BENCH_ENDPOINT_CPU_DIR"  # endpoint_cpu.ENV (that module imports the broker)
 BIN = Path(sys.executable).parent
 RESOURCE = "http://127.0.0.1:8001/mcp"
 REDIRECT_URI = "http://127.0.0.1:5555/callback"
@@ -216,12 +218,26 @@ def upgrade(config: Path) -> None:
 
 @contextlib.contextmanager
 def gunicorn(
-    config: Path, port: int, db_url: str, log: Path, workers: int, threads: int | None
+    config: Path,
+    port: int,
+    db_url: str,
+    log: Path,
+    workers: int,
+    threads: int | None,
+    *,
+    by_endpoint: Path | None = None,
 ) -> Iterator[Instance]:
+    """gunicorn serving the broker; with ``by_endpoint``, :mod:`endpoint_cpu`'s application,
+    which writes the CPU of each request by endpoint to that directory."""
     env = {**os.environ, "BROKER_CONFIG": str(config)}
+    application = "wsgi:app"
+    if by_endpoint is not None:
+        by_endpoint.mkdir(parents=True, exist_ok=True)
+        env[ENDPOINT_CPU_ENV] = str(by_endpoint)
+        application = "bench.endpoint_cpu:app"
     command = [
         str(BIN / "gunicorn"),
-        "wsgi:app",
+        application,
         "-c",
         "gunicorn.conf.py",
         "--bind",
@@ -640,6 +656,11 @@ class Settings:
     skip_codes: bool
     skip_scale: bool
     keep: bool
+    by_endpoint: bool = False
+
+
+# What each throughput phase sends (endpoint_cpu's keys).
+PHASE_REQUESTS = {"bare": "GET /health", "refresh": "POST /token", "refresh_own": "POST /token"}
 
 
 def throughput(settings: Settings, work: Path, users_file: Path) -> dict[str, Any]:
@@ -648,8 +669,15 @@ def throughput(settings: Settings, work: Path, users_file: Path) -> dict[str, An
     with database(settings.database_url, work, "main") as db_url:
         config = write_config(work, "main", port, db_url, users_file, settings.alg)
         upgrade(config)
+        counted = work / "endpoint-cpu" if settings.by_endpoint else None
         with gunicorn(
-            config, port, db_url, work / "main.log", settings.workers, settings.threads
+            config,
+            port,
+            db_url,
+            work / "main.log",
+            settings.workers,
+            settings.threads,
+            by_endpoint=counted,
         ) as instance:
             started = time.monotonic()
             client_id = register(instance.url)
@@ -687,14 +715,23 @@ def throughput(settings: Settings, work: Path, users_file: Path) -> dict[str, An
                     raise SystemExit(f"{name} failed during the warm-up: {phase.first_error}")
             totals = {name: Phase(name) for name in phases}
             per_round = []
+            inside: dict[str, tuple[int, float]] = {}
             for index in range(settings.rounds):
                 order = list(phases)
                 shift = index % len(order)
                 measured = {}
                 for name in order[shift:] + order[:shift]:
+                    counted_before = endpoint_cpu.totals(counted) if counted else {}
                     measured[name] = run_load(
                         instance, name, c, phases[name], duration=settings.duration
                     )
+                    if counted is not None:
+                        spent = endpoint_cpu.difference(
+                            endpoint_cpu.totals(counted), counted_before
+                        )
+                        count, seconds = spent.get(PHASE_REQUESTS[name], (0, 0.0))
+                        was = inside.get(name, (0, 0.0))
+                        inside[name] = (was[0] + count, was[1] + seconds)
                     if measured[name].errors:
                         raise SystemExit(f"{name} failed: {measured[name].first_error}")
                     totals[name].add(measured[name])
@@ -704,7 +741,12 @@ def throughput(settings: Settings, work: Path, users_file: Path) -> dict[str, An
                     + ", ".join(f"{name} {phase.rate:,.0f}/s" for name, phase in measured.items()),
                     flush=True,
                 )
-            result: dict[str, Any] = {**totals, "per_round": per_round, "db_url": db_url}
+            result: dict[str, Any] = {
+                **totals,
+                "per_round": per_round,
+                "db_url": db_url,
+                "inside": inside,
+            }
             if not settings.skip_codes:
                 codes: queue.Queue[tuple[str, str]] = queue.Queue()
                 cookies = browser.cookies
@@ -852,6 +894,21 @@ def report(settings: Settings, tp: dict[str, Any] | None, sc: dict[str, Any] | N
             )
         if "code" in tp:
             print(f"(c) authorization_code / bare = {tp['code'].rate / tp['bare'].rate:.2f}")
+        if tp["inside"]:
+            print(
+                "\nserver CPU per request, inside the application (its thread's CPU, "
+                "endpoint_cpu.py) and the rest (gunicorn: parsing, writing, its threads, poller):"
+            )
+            for name, label in (("bare", "(a)"), ("refresh", "(b)"), ("refresh_own", "(b2)")):
+                if name not in tp["inside"]:
+                    continue
+                count, seconds = tp["inside"][name]
+                app = seconds * 1e3 / max(count, 1)
+                total = cpu_per_request(tp[name]) * 1e3
+                print(
+                    f"  {label:<5} {PHASE_REQUESTS[name]:<12} application {app:.2f} ms, "
+                    f"the rest {total - app:.2f} ms (of {total:.2f})"
+                )
     if sc is not None:
         samples = sc["samples"]
         print(
@@ -924,6 +981,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-throughput", action="store_true", help="leave out (a)-(c): (d) and (e) only"
     )
+    parser.add_argument(
+        "--by-endpoint",
+        action="store_true",
+        help="also split the server CPU of (a) and (b) into the application's and the rest "
+        "(served by endpoint_cpu.py)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -946,6 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
         skip_codes=args.skip_codes,
         skip_scale=args.skip_scale,
         keep=args.keep,
+        by_endpoint=args.by_endpoint,
     )
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="broker-bench-"))
