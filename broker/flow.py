@@ -22,13 +22,15 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from types import SimpleNamespace
+from typing import Any, Literal, NoReturn, cast
 from urllib.parse import parse_qs, urlsplit
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749.errors import InvalidRequestError
 from sqlalchemy import Connection, Table, bindparam, func, select, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -81,6 +83,12 @@ _browser_sessions = _table(BrowserSession)
 _pending_logins = _table(PendingLogin)
 _consents = _table(Consent)
 _grants = _table(Grant)
+_clients = _table(Client)
+# A client's every column, labelled with its attribute's name (``metadata`` is
+# ``client_metadata``), for a read-only copy of the row (AuthorizationFlow.client).
+_CLIENT_READ = select(
+    *(attribute.columns[0].label(attribute.key) for attribute in sa_inspect(Client).column_attrs)
+).where(_clients.c.client_id == bindparam("client"))
 _IDENTITY_READ = (
     select(
         _identities.c.id,
@@ -582,10 +590,18 @@ class AuthorizationFlow:
         return pending
 
     def client(self, session: Session, pending: PendingLogin) -> Client:
-        client = session.get(Client, pending.client_id)
-        if client is None:
+        """The pending login's client: the one this request's authorization server state
+        already holds (``/authorize`` validated it), else a read-only copy of its row, read on
+        the driver's cursor (a model instance cost as much as the rest of a sign-in's finish:
+        its loading, instrumented attributes and the driver's description of 20 columns)."""
+        state = self.server.current_state()
+        kept = state.clients.get(pending.client_id) if state is not None else None
+        if kept is not None:
+            return kept.row
+        rows = self._run(session.connection(), _CLIENT_READ, {"client": pending.client_id})
+        if not rows:
             raise FlowError(400, "Unknown application", "The application is no longer registered.")
-        return client
+        return cast(Client, SimpleNamespace(**rows[0]._mapping))
 
     def resource(self, pending: PendingLogin) -> ResourceSettings:
         resource = self.settings.resource(pending.resource)
@@ -1322,6 +1338,8 @@ class AuthorizationFlow:
         )
         oauth_request = self.server.stored_authorization_request(pending.request_params)
         with self.server.request_state(session, address):
+            # The client as read above; its grant, inserted above, is live.
+            self.server.keep_client(client.client_id, client, live_grant=True)
             authlib_grant = self.server.get_authorization_grant(oauth_request)
             response: Response = self.server.create_authorization_response(
                 request=oauth_request, grant_user=GrantUser(grant), grant=authlib_grant

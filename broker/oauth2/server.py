@@ -361,6 +361,10 @@ class BrokerAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
     def state(self) -> RequestState:
         return _state.get()
 
+    def current_state(self) -> RequestState | None:
+        """The request's state, if one is set (:meth:`request_state`)."""
+        return _state.get(None)
+
     def apply_revocations(self, state: RequestState) -> None:
         """Run the revocations a failed request asked for, in their own transaction."""
         if not state.revocations:
