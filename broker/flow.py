@@ -32,8 +32,9 @@ from authlib.oauth2.rfc6749.errors import InvalidRequestError
 from sqlalchemy import Connection, Table, bindparam, func, select, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 from werkzeug.wrappers import Request, Response
 
 from providers.contract import Identity as UpstreamIdentity
@@ -84,11 +85,23 @@ _pending_logins = _table(PendingLogin)
 _consents = _table(Consent)
 _grants = _table(Grant)
 _clients = _table(Client)
-# A client's every column, labelled with its attribute's name (``metadata`` is
-# ``client_metadata``), for a read-only copy of the row (AuthorizationFlow.client).
-_CLIENT_READ = select(
-    *(attribute.columns[0].label(attribute.key) for attribute in sa_inspect(Client).column_attrs)
-).where(_clients.c.client_id == bindparam("client"))
+
+
+def _every_attribute(model: Any) -> Any:
+    """``SELECT`` of ``model``'s every column, labelled with its attribute's name (the
+    client's ``metadata`` column is ``client_metadata``)."""
+    return select(
+        *(attribute.columns[0].label(attribute.key) for attribute in sa_inspect(model).column_attrs)
+    )
+
+
+# A client for a read-only copy of its row (AuthorizationFlow.client); a pending login by its
+# id or by the upstream state bound to it, for an instance in the session (_attached).
+_CLIENT_READ = _every_attribute(Client).where(_clients.c.client_id == bindparam("client"))
+_PENDING_READ = _every_attribute(PendingLogin).where(_pending_logins.c.id == bindparam("pending"))
+_PENDING_BY_STATE = _every_attribute(PendingLogin).where(
+    _pending_logins.c.upstream_state_hash == bindparam("digest")
+)
 _IDENTITY_READ = (
     select(
         _identities.c.id,
@@ -243,6 +256,28 @@ _JSON_PARAMS: dict[int, tuple[str, ...]] = {
         for name, param in (("identity", "seen"), ("tokens", "facts"), ("consent", "approved"))
     },
 }
+
+
+def _kept(session: Session, login_id: str) -> PendingLogin | None:
+    """The pending login ``login_id`` if ``session`` holds it already (``/authorize`` has just
+    added it), as ``Session.get`` would find it."""
+    kept: PendingLogin | None = session.identity_map.get(identity_key(PendingLogin, login_id))
+    return kept
+
+
+def _attached(session: Session, row: DriverRow) -> PendingLogin:
+    """The pending login of ``row`` (every column, :func:`_every_attribute`) as an instance in
+    ``session``, as if the session had loaded it (changes to it are flushed as an ``UPDATE``),
+    without the ORM's loading of a row: an instrumented attribute set per column instead.
+    The one the session holds already, when it does."""
+    values = row._mapping
+    kept = _kept(session, values["id"])
+    if kept is not None:
+        return kept
+    pending = PendingLogin(**values)
+    make_transient_to_detached(pending)  # every attribute as loaded, no history
+    session.add(pending)
+    return pending
 
 
 @dataclass(frozen=True)
@@ -573,7 +608,10 @@ class AuthorizationFlow:
                 "Sign-in request not found",
                 "This sign-in request is missing. Start again from your application.",
             )
-        pending = session.get(PendingLogin, login_id)
+        pending = _kept(session, login_id)
+        if pending is None:
+            found = self._run(session.connection(), _PENDING_READ, {"pending": login_id})
+            pending = _attached(session, found[0]) if found else None
         if pending is None or pending.expires_at <= utcnow():
             raise FlowError(
                 400,
@@ -935,9 +973,8 @@ class AuthorizationFlow:
         if not state or len(state) > 512:
             raise FlowError(400, "Invalid sign-in response", "The sign-in response has no state.")
         digest = token_hash(state)
-        pending = session.scalars(
-            select(PendingLogin).where(PendingLogin.upstream_state_hash == digest)
-        ).first()
+        found = self._run(session.connection(), _PENDING_BY_STATE, {"digest": digest})
+        pending = _attached(session, found[0]) if found else None
         if pending is None or pending.provider != provider:
             raise FlowError(
                 400,
