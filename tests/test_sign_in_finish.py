@@ -10,9 +10,9 @@ from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
-from broker.models import Identity, UpstreamToken, User
+from broker.models import Client, Identity, PendingLogin, UpstreamToken, User
 from providers.contract import Identity as UpstreamIdentity
 from providers.contract import LoginResult, UpstreamTokens
 from tests.conftest import PASSWORDS
@@ -175,3 +175,43 @@ def test_an_upstream_sign_in_finishes_in_a_fixed_list_of_statements(
         response = broker.sign_in("github", scope="demo:read")
     assert response.status_code == 302 and "code" in query(response.headers["location"])
     assert [s.removesuffix(" (in a transaction)") for s in seen[-len(CALLBACK) :]] == CALLBACK
+
+
+def test_a_pending_login_read_is_the_sessions_and_its_client_a_copy_of_the_row(
+    app: Flask, client: FlaskClient, registered: dict[str, Any]
+) -> None:
+    """The sign-in reads its pending login and client on the driver's cursor: the pending login
+    is an instance of the session as if loaded (the same one when read again, a change flushed
+    as an UPDATE), the client a read-only copy whose values are the row's."""
+    broker = app.extensions["broker"]
+    _, challenge = pkce()
+    response = client.get(
+        "/authorize", query_string=authorize_params(registered["client_id"], challenge)
+    )
+    login_id = form_value(client.get(response.headers["Location"]).text, "login")
+    with broker.db.session() as session:
+        stored = session.get(PendingLogin, login_id)
+        assert stored is not None
+        browser, expected = (
+            stored.browser_hash,
+            {
+                attribute.key: getattr(stored, attribute.key)
+                for attribute in inspect(PendingLogin).column_attrs
+            },
+        )
+        row = session.get(Client, registered["client_id"])
+        assert row is not None
+        client_values = {
+            attribute.key: getattr(row, attribute.key) for attribute in inspect(Client).column_attrs
+        }
+    with broker.db.session() as session:
+        pending = broker.flow.pending(session, login_id, browser)
+        assert pending in session and not session.dirty
+        assert {key: getattr(pending, key) for key in expected} == expected
+        assert broker.flow.pending(session, login_id, browser) is pending
+        copy = broker.flow.client(session, pending)
+        assert {key: getattr(copy, key) for key in client_values} == client_values
+        pending.provider = "local"
+    with broker.db.session() as session:
+        again = session.get(PendingLogin, login_id)
+        assert again is not None and again.provider == "local"
