@@ -74,16 +74,7 @@ def child(root: Path, database_url: str | None, logins: int) -> None:
             transport = httpx.WSGITransport(app=app)
             url = "http://127.0.0.1:8000"
             with httpx.Client(transport=transport, base_url=url) as client:
-                client_id = client.post(
-                    "/register",
-                    json={
-                        "client_name": "bench",
-                        "redirect_uris": ["http://127.0.0.1/callback"],
-                        "token_endpoint_auth_method": "none",
-                        "grant_types": ["authorization_code", "refresh_token"],
-                        "application_type": "native",
-                    },
-                ).json()["client_id"]
+                client_id = client.post("/register", json=te.BENCH_CLIENT).json()["client_id"]
 
                 def login() -> None:
                     with httpx.Client(transport=transport, base_url=url) as browser:

@@ -287,17 +287,18 @@ def form_value(html: str, name: str) -> str:
     return match.group(1)
 
 
+# The registration of the benchmarks' public client (RFC 7591), as the MCP SDKs register.
+BENCH_CLIENT = {
+    "client_name": "bench",
+    "redirect_uris": ["http://127.0.0.1/callback"],
+    "token_endpoint_auth_method": "none",
+    "grant_types": ["authorization_code", "refresh_token"],
+    "application_type": "native",
+}
+
+
 def register(url: str) -> str:
-    response = httpx.post(
-        f"{url}/register",
-        json={
-            "client_name": "bench",
-            "redirect_uris": ["http://127.0.0.1/callback"],
-            "token_endpoint_auth_method": "none",
-            "grant_types": ["authorization_code", "refresh_token"],
-            "application_type": "native",
-        },
-    )
+    response = httpx.post(f"{url}/register", json=BENCH_CLIENT)
     if response.status_code != 201:
         raise RuntimeError(f"/register: {response.status_code} {response.text}")
     return str(response.json()["client_id"])
