@@ -2,10 +2,11 @@
 
 :func:`record` adds an ``audit_events`` row to the caller's transaction; once that transaction
 commits, the same event is written as one JSON line on the ``broker.audit`` logger (a refused,
-rolled-back request leaves neither). :func:`write_values` is the same for the token endpoint's
-hot path: one Core ``INSERT`` at once instead of an ORM row flushed with the unit of work; on
-PostgreSQL the token endpoint writes the event in the same statement as what it records
-(:func:`insert_when`) and hands it to :func:`written`. Events never carry tokens, codes or
+rolled-back request leaves neither). :func:`write_values` is the same for the end of a sign-in:
+one ``INSERT`` on the driver's cursor at once instead of an ORM row flushed with the unit of
+work; the token endpoint inserts its events itself (:data:`INSERT_RETURNING` on SQLite; on
+PostgreSQL in the same statement as what it records, :func:`insert_when`) and hands them to
+:func:`written` or :func:`log_written`. Events never carry tokens, codes or
 secrets: only ids, outcomes, reasons and the details the caller names.
 """
 
@@ -30,14 +31,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from .db import UTCDateTime, utcnow
+from .db import DriverStatements, UTCDateTime, utcnow
 from .models import AuditEvent
 
 AUDIT_LOGGER = "broker.audit"
 log = logging.getLogger(AUDIT_LOGGER)
 _PENDING = "broker_audit_pending"
 _EVENTS: Table = AuditEvent.__table__  # type: ignore[assignment]
-_INSERT = insert(_EVENTS)
 
 EVENT_TYPES = frozenset(
     {
@@ -120,22 +120,18 @@ def values(
 
 
 def write_values(
-    session: Session, entry: dict[str, Any], *, connection: Connection | None = None
+    session: Session,
+    entry: dict[str, Any],
+    statements: DriverStatements,
+    connection: Connection,
 ) -> None:
-    """:func:`record` for the token endpoint's hot path: the event's :func:`values` in one Core
-    ``INSERT`` on ``session``'s connection (``connection``, when the caller holds it), executed
-    now, logged once the transaction commits. Not inside a savepoint: its rollback would not
-    take the line back."""
+    """:func:`record` for the end of a sign-in: the event's :func:`values` in one ``INSERT``
+    (:data:`INSERT_RETURNING`) on the driver's cursor of ``connection``, ``session``'s, in its
+    transaction (``statements``: the server's), executed now, logged once the transaction
+    commits. Not inside a savepoint: its rollback would not take the line back."""
     assert not session.in_nested_transaction()
-    written(session, entry, insert_values(connection or session.connection(), entry))
-
-
-def insert_values(connection: Connection, entry: dict[str, Any]) -> int:
-    """Insert the event ``entry`` (:func:`values`) on ``connection``; its id. The caller logs
-    it once the transaction commits (:func:`written`, :func:`log_written`)."""
-    inserted = connection.execute(_INSERT, entry).inserted_primary_key
-    assert inserted is not None
-    return int(inserted[0])
+    (row,) = statements.rows(connection, INSERT_RETURNING, entry, json_params=("details",))
+    written(session, entry, int(row.id))
 
 
 INSERT_RETURNING = (

@@ -248,7 +248,6 @@ def _upsert(connection: Connection, name: str) -> Any:
 # The parameters of the sign-in's statements that are bound as JSON (AuthorizationFlow._run).
 _JSON_PARAMS: dict[int, tuple[str, ...]] = {
     id(_IDENTITY_SEEN): ("seen",),
-    id(audit.INSERT_RETURNING): ("details",),
     id(_CONSENT_UPDATE): ("approved",),
     **{
         id(upserts[name]): (param,)
@@ -407,12 +406,8 @@ class AuthorizationFlow:
         )
 
     def _event(self, session: Session, connection: Connection, entry: dict[str, Any]) -> None:
-        """Insert the audit event ``entry`` (:func:`broker.audit.values`) on the driver's
-        cursor; it is logged once the session's transaction commits (:func:`audit.written`).
-        Not inside a savepoint: its rollback would not take the line back."""
-        assert not session.in_nested_transaction()
-        (row,) = self._run(connection, audit.INSERT_RETURNING, entry)
-        audit.written(session, entry, int(row.id))
+        """The audit event ``entry`` (:func:`broker.audit.values`), on the driver's cursor."""
+        audit.write_values(session, entry, self.server.sql, connection)
 
     # -- /authorize ------------------------------------------------------------------------
 
