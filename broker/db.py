@@ -200,18 +200,21 @@ def first_rows(
     params: Mapping[str, Any],
     connection: Callable[[], Connection],
 ) -> list[DriverRow]:
-    """Execute the first statement of a request's transaction, a read, on the request's
-    connection (``connection()``); when the pooled connection turns out dead (a disconnect,
-    which SQLAlchemy answers by invalidating the pool's older connections), roll back
-    (``rollback``) and run it once more on a fresh one. Nothing was written yet, so the retry
-    cannot write twice."""
+    """Execute the first statement of a request, a read, on the request's connection
+    (``connection()``), in no transaction of its own (``begin=False``: on PostgreSQL the token
+    endpoint's connection is outside any transaction block already; on SQLite the read takes no
+    write lock, which the request's first write takes): every write that follows is conditional
+    on what it claims, not on this read's snapshot. When the pooled connection turns out dead (a
+    disconnect, which SQLAlchemy answers by invalidating the pool's older connections), roll
+    back (``rollback``) and run it once more on a fresh one. Nothing was written yet, so the
+    retry cannot write twice."""
     try:
-        return statement.rows(connection(), params)
+        return statement.rows(connection(), params, begin=False)
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
         rollback()
-        return statement.rows(connection(), params)
+        return statement.rows(connection(), params, begin=False)
 
 
 class DriverRow:
@@ -278,9 +281,12 @@ class DriverStatement(ABC):
         }
 
     @abstractmethod
-    def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
+    def rows(
+        self, connection: Connection, params: Mapping[str, Any], *, begin: bool = True
+    ) -> list[DriverRow]:
         """Execute the statement with ``params`` (by name; others are ignored) on
-        ``connection``'s driver connection; its rows."""
+        ``connection``'s driver connection; its rows. ``begin=False``: a read that needs no
+        transaction of its own (SQLite: :class:`SQLiteStatement`)."""
 
     def _values(self, params: Mapping[str, Any]) -> list[Any]:
         """The parameters in the order of :attr:`names`."""
@@ -406,7 +412,9 @@ class PsycopgStatement(DriverStatement):
         self._json = tuple(i for i, name in enumerate(self.names) if name in json_params)
         self._shape: _Shape | None = None
 
-    def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
+    def rows(
+        self, connection: Connection, params: Mapping[str, Any], *, begin: bool = True
+    ) -> list[DriverRow]:
         values = self._values(params)
         for i in self._json:
             values[i] = Json(values[i])
@@ -466,7 +474,11 @@ class SQLiteStatement(DriverStatement):
     The statements run in the SQLAlchemy connection's transaction, which this begins when none
     is in progress (as SQLAlchemy's autobegin would: the engine's ``begin`` listener sends
     ``BEGIN IMMEDIATE``): the sqlite3 connection is in autocommit mode (``_configure_sqlite``),
-    so a statement sent on its cursor outside a transaction would commit by itself. The cursor
+    so a statement sent on its cursor outside a transaction would commit by itself. A read
+    asked to (``begin=False``: the token endpoint's first statement) runs in no transaction when
+    none is in progress: its own implicit one, which holds the shared lock for that statement
+    only, so the write lock a request's first write takes is not held while the request does
+    everything else (validating, signing) between its read and its writes. The cursor
     is kept with the pooled connection, as psycopg's is (:class:`PsycopgStatement`); sqlite3
     keeps the prepared statement, by its SQL, in the connection's cache."""
 
@@ -502,7 +514,9 @@ class SQLiteStatement(DriverStatement):
         )
         self._shape = _Shape(keys or None, processed)
 
-    def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
+    def rows(
+        self, connection: Connection, params: Mapping[str, Any], *, begin: bool = True
+    ) -> list[DriverRow]:
         values = self._values(params)
         try:
             for i, process in self._processors:
@@ -511,7 +525,7 @@ class SQLiteStatement(DriverStatement):
             raise self._error(exc, connection, None) from exc
         if self._order is not None:
             values = [values[i] for i in self._order]
-        if not connection.in_transaction():
+        if begin and not connection.in_transaction():
             connection.begin()
         proxied = connection.connection
         driver = proxied.driver_connection

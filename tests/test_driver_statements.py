@@ -420,33 +420,44 @@ def test_a_value_the_type_refuses_is_refused_as_sqlalchemy_refuses_it(
 
 
 @SQLITE
-def test_a_token_request_on_sqlite_is_one_transaction_begun_immediate(
+def test_a_token_request_on_sqlite_reads_unlocked_then_writes_in_one_immediate_transaction(
     make_app: Callable[..., Flask],
 ) -> None:
-    """The read begins the request's transaction with BEGIN IMMEDIATE, through SQLAlchemy's
-    connection (whose commit or rollback then ends it): from there on every statement runs in
-    it, holding the write lock that another connection cannot take."""
+    """The read runs in no transaction: it holds no lock once it has its row, so another
+    connection can take the write lock while the request validates and signs. The first write
+    begins the request's transaction with BEGIN IMMEDIATE, through SQLAlchemy's connection
+    (whose commit or rollback then ends it): the claim and the inserts run in it, holding the
+    write lock that another connection cannot take."""
     app = make_app()
     client, client_id, token = _signed_in(app)
     code, verifier = _code(client, client_id)
     engine = _engine(app)
     seen: list[tuple[str, bool, bool]] = []
 
-    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def locked_elsewhere() -> bool:
         other = sqlite3.connect(engine.url.database or "", timeout=0, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
             other.execute("ROLLBACK")
-            locked = False
+            return False
         except sqlite3.OperationalError:
-            locked = True
+            return True
         finally:
             other.close()
+
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         words = " ".join(statement.split()[:2])
-        seen.append((words, conn.connection.dbapi_connection.in_transaction, locked))
+        seen.append((words, conn.connection.dbapi_connection.in_transaction, locked_elsewhere()))
+
+    def after(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("SELECT"):  # its row read: no lock left behind
+            seen.append(
+                ("read done", conn.connection.dbapi_connection.in_transaction, locked_elsewhere())
+            )
 
     inserts = [("INSERT INTO", True, True)] * 2  # the refresh token, the audit event
     event.listen(engine, "before_cursor_execute", record)
+    event.listen(engine, "after_cursor_execute", after)
     try:
         assert _refresh(client, client_id, token).status_code == 200
         refreshed, seen[:] = list(seen), []
@@ -454,13 +465,15 @@ def test_a_token_request_on_sqlite_is_one_transaction_begun_immediate(
         redeemed = list(seen)
     finally:
         event.remove(engine, "before_cursor_execute", record)
+        event.remove(engine, "after_cursor_execute", after)
+    done = ("read done", False, False)
     begun = ("BEGIN IMMEDIATE", False, False)
-    read = ("SELECT refresh_tokens.token_hash,", True, True)
+    read = ("SELECT refresh_tokens.token_hash,", False, False)
     claim = ("UPDATE refresh_tokens", True, True)
-    assert refreshed == [begun, read, claim, *inserts]
-    read = ("SELECT authorization_codes.code_hash,", True, True)
+    assert refreshed == [read, done, begun, claim, *inserts]
+    read = ("SELECT authorization_codes.code_hash,", False, False)
     claim = ("UPDATE authorization_codes", True, True)
-    assert redeemed == [begun, read, claim, *inserts]
+    assert redeemed == [read, done, begun, claim, *inserts]
 
 
 @SQLITE

@@ -1,8 +1,10 @@
 """The token endpoint's statements, counted (counts are deterministic, unlike time): a refresh and
 an authorization-code redemption each read once and then write, with the upstream re-check on
 too; nothing else reaches the database (no pre-ping, no separate client lookup). On SQLite the
-writes are three statements in one transaction; on PostgreSQL they are one statement (WITH
-queries) outside any transaction block, so there is no BEGIN or COMMIT either: two round trips.
+read runs in no transaction and the writes are three statements in one (begun by the first:
+tests/test_driver_statements.py checks where the write lock is held); on PostgreSQL they are
+one statement (WITH queries) outside any transaction block, so there is no BEGIN or COMMIT
+either: two round trips.
 docs/benchmarks.md gives the counts before and after."""
 
 from __future__ import annotations

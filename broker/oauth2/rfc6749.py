@@ -15,9 +15,11 @@ identity, and the client (so authenticating the client costs no statement of its
 conditional ``UPDATE ... WHERE used_at IS NULL`` whose outcome decides, across workers and hosts
 sharing the database, which request uses the code or token (a refresh that loses reads the
 winner's successor for the grace window), the new refresh token, and the audit event. On SQLite
-these are three statements in the request's one transaction, which the read began with
-``BEGIN IMMEDIATE`` (a rotation's claim also links the successor and drops the parent's kept
-successor); on PostgreSQL they are one statement (``ROTATE_ONCE``, ``REDEEM_ONCE``:
+these are three statements in one transaction, begun with ``BEGIN IMMEDIATE`` by the first
+write (a rotation's claim also links the successor and drops the parent's kept successor); the
+read before them runs in no transaction, so the write lock every worker waits for is held for
+the writes only, not while the request is validated and its token signed. On PostgreSQL they
+are one statement (``ROTATE_ONCE``, ``REDEEM_ONCE``:
 data-modifying ``WITH`` queries), run outside a transaction block, so a grant is two round trips.
 """
 
