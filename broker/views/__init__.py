@@ -67,6 +67,25 @@ PAGE_CSP = (
 )
 
 
+# Every response: set unless the view set its own.
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", PAGE_CSP),
+)
+# The API paths browsers call from other origins (CORS_PATHS): these replace any of the view's.
+CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+    ("Access-Control-Allow-Headers", "Authorization, Content-Type, MCP-Protocol-Version"),
+    ("Access-Control-Max-Age", "86400"),
+    ("Access-Control-Expose-Headers", "Retry-After"),
+)
+_SECURITY_HEADERS = tuple((key, key.lower(), value) for key, value in SECURITY_HEADERS)
+_CORS_HEADERS = tuple((key, key.lower(), value) for key, value in CORS_HEADERS)
+
+
 def _is_api() -> bool:
     return request.path.startswith(API_PATHS)
 
@@ -120,19 +139,19 @@ def init_app(app: Flask) -> None:
 
     @app.after_request
     def security_headers(response: Response) -> Response:
+        # The response's header names read once: Werkzeug's setdefault and set each scan
+        # (and lower-case) every header, nine times a response.
         headers = response.headers
-        headers.setdefault("X-Content-Type-Options", "nosniff")
-        headers.setdefault("Referrer-Policy", "no-referrer")
-        headers.setdefault("X-Frame-Options", "DENY")
-        headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        present = {key.lower() for key, _ in headers}
+        for key, folded, value in _SECURITY_HEADERS:
+            if folded not in present:
+                headers.add(key, value)
         if request.path.startswith(CORS_PATHS):
-            headers["Access-Control-Allow-Origin"] = "*"
-            headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            headers["Access-Control-Allow-Headers"] = (
-                "Authorization, Content-Type, MCP-Protocol-Version"
-            )
-            headers["Access-Control-Max-Age"] = "86400"
-            headers["Access-Control-Expose-Headers"] = "Retry-After"
+            for key, folded, value in _CORS_HEADERS:
+                if folded in present:
+                    headers[key] = value
+                else:
+                    headers.add(key, value)
         return response
 
     @app.errorhandler(HTTPException)
