@@ -39,6 +39,7 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    text,
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import (
@@ -183,15 +184,21 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
+    # Sent on the driver's cursor (SQLAlchemy's execution of a statement without parameters or
+    # rows cost more CPU than SQLite's own work for it), with the engine's cursor events and
+    # SQLAlchemy's errors as for any statement: a lock not obtained is OperationalError.
+    begins = {
+        False: SQLiteStatement(text("BEGIN IMMEDIATE"), engine),
+        True: SQLiteStatement(text("BEGIN"), engine),
+    }
+
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         # IMMEDIATE takes the write lock up front: two workers never both read a row as unused
         # and then race to upgrade to a write lock (which SQLite answers with an instant BUSY).
         # Sessions that only read (Database.read) start a deferred transaction instead.
-        if connection.get_execution_options().get(READ_ONLY):
-            connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = bool(connection.get_execution_options().get(READ_ONLY))
+        begins[read_only].rows(connection, {}, begin=False)
 
 
 def first_rows(

@@ -295,11 +295,13 @@ def test_rows_read_are_the_rows_sqlalchemy_reads(make_app: Callable[..., Flask],
     statement = HOT[name]
     read = driver_statement(statement, engine)
     params = {"digest": token_hash(token if name == "_REFRESH_READ" else code)}
-    ours: list[Any] = []  # the cursors of the driver statement's executions (no context)
+    ours: list[Any] = []  # the cursors of the read's executions (no context; not SQLite's BEGIN)
     event.listen(
         engine,
         "before_cursor_execute",
-        lambda _c, cursor, _s, _p, context, _m: ours.append(cursor) if context is None else None,
+        lambda _c, cursor, sql, _p, context, _m: (
+            ours.append(cursor) if context is None and sql == read.sql else None
+        ),
     )
     with engine.connect() as connection:
         expected = dict(connection.execute(statement, params).mappings().one())
