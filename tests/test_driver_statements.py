@@ -1,8 +1,9 @@
 """The token endpoint's statements on the driver's cursor (``broker.db.DriverStatement``: psycopg's
 on PostgreSQL, sqlite3's on SQLite): rows as SQLAlchemy's types would give them and values stored
 as SQLAlchemy stores them, errors as SQLAlchemy's, without the statement's parameters (a token's
-hash, a sealed successor) in their message; on SQLite in the request's one transaction, begun
-with ``BEGIN IMMEDIATE``."""
+hash, a sealed successor) in their message; on SQLite the token endpoint's read in no
+transaction and its writes in one, begun with ``BEGIN IMMEDIATE``; the consent page, which only
+reads, without the write lock."""
 
 from __future__ import annotations
 
@@ -476,6 +477,44 @@ def test_a_token_request_on_sqlite_reads_unlocked_then_writes_in_one_immediate_t
     read = ("SELECT authorization_codes.code_hash,", False, False)
     claim = ("UPDATE authorization_codes", True, True)
     assert redeemed == [read, done, begun, claim, *inserts]
+
+
+@SQLITE
+def test_the_consent_page_reads_without_the_write_lock_on_sqlite(
+    make_app: Callable[..., Flask],
+) -> None:
+    """The consent page only reads (the pending login, its client, the browser's session): its
+    statements run in a deferred transaction, while another connection can take the write lock
+    that every sign-in step and token request waits for."""
+    app = make_app()
+    client, client_id, _ = _signed_in(app)  # a browser with a session, and a client it approved
+    _, challenge = pkce()
+    location = client.get("/authorize", query_string=authorize_params(client_id, challenge))
+    assert location.status_code == 302 and "/consent?" in location.headers["Location"]
+    engine = _engine(app)
+    seen: list[tuple[str, bool]] = []
+
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        other = sqlite3.connect(engine.url.database or "", timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            locked = False
+        except sqlite3.OperationalError:
+            locked = True
+        finally:
+            other.close()
+        seen.append((" ".join(statement.split()[:2]), locked))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        page = client.get(location.headers["Location"])
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert page.status_code == 200
+    assert seen[0] == ("BEGIN", False) and len(seen) > 2, seen
+    assert all(verb.split()[0] in ("BEGIN", "SELECT") for verb, _ in seen), seen
+    assert not any(locked for _, locked in seen), seen
 
 
 @SQLITE

@@ -44,7 +44,8 @@ def consent() -> Response:
     """The consent page: who asks, for what, and how to sign in; or the confirmation."""
     b = broker()
     try:
-        with b.db.session() as session:
+        # Only reads: on SQLite the page does not wait for, or hold, the write lock.
+        with b.db.read() as session:
             screen = b.flow.consent_screen(
                 session,
                 request.args.get("login"),
