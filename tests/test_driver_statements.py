@@ -47,7 +47,7 @@ from broker.db import DriverStatements, UTCDateTime, driver_statement, insert_ev
 from broker.models import AuditEvent, AuthorizationCode, RefreshToken
 from broker.oauth2 import rfc6749
 from broker.oauth2.rfc6749 import REDEEM_ONCE
-from tests.support import authorize_params, pkce, query, redeem, sign_in_local
+from tests.support import authorize_params, form_value, pkce, query, redeem, sign_in_local
 from tests.test_database_reconnect import _refresh, _signed_in
 
 POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -480,12 +480,12 @@ def test_a_token_request_on_sqlite_reads_unlocked_then_writes_in_one_immediate_t
 
 
 @SQLITE
-def test_the_consent_page_reads_without_the_write_lock_on_sqlite(
+def test_the_consent_page_and_login_form_read_without_the_write_lock_on_sqlite(
     make_app: Callable[..., Flask],
 ) -> None:
-    """The consent page only reads (the pending login, its client, the browser's session): its
-    statements run in a deferred transaction, while another connection can take the write lock
-    that every sign-in step and token request waits for."""
+    """The consent page and the login form only read (the pending login, its client, the
+    browser's session): their statements run in a deferred transaction, while another
+    connection can take the write lock that every sign-in step and token request waits for."""
     app = make_app()
     client, client_id, _ = _signed_in(app)  # a browser with a session, and a client it approved
     _, challenge = pkce()
@@ -506,15 +506,31 @@ def test_the_consent_page_reads_without_the_write_lock_on_sqlite(
             other.close()
         seen.append((" ".join(statement.split()[:2]), locked))
 
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        page = client.get(location.headers["Location"])
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    assert page.status_code == 200
-    assert seen[0] == ("BEGIN", False) and len(seen) > 2, seen
-    assert all(verb.split()[0] in ("BEGIN", "SELECT") for verb, _ in seen), seen
-    assert not any(locked for _, locked in seen), seen
+    def read_unlocked(path: str) -> str:
+        seen[:] = []
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            page = client.get(path)
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert page.status_code == 200, path
+        assert seen[0] == ("BEGIN", False) and len(seen) > 1, (path, seen)
+        assert all(verb.split()[0] in ("BEGIN", "SELECT") for verb, _ in seen), (path, seen)
+        assert not any(locked for _, locked in seen), (path, seen)
+        return page.get_data(as_text=True)
+
+    consent = read_unlocked(location.headers["Location"])
+    approved = client.post(
+        "/consent",
+        data={
+            "login": form_value(consent, "login"),
+            "csrf": form_value(consent, "csrf"),
+            "action": "approve",
+            "provider": "local",
+        },
+    )
+    assert approved.status_code == 302 and "/login/local" in approved.headers["Location"]
+    read_unlocked(approved.headers["Location"])
 
 
 @SQLITE

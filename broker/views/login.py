@@ -100,7 +100,7 @@ def form_login(provider: str) -> Response:
     try:
         if request.method == "POST":
             return _password_submit(plugin, plugin.display_name, provider, login_id)
-        with b.db.session() as session:
+        with b.db.read() as session:  # only reads, as the consent page
             b.flow.password_login(session, login_id, browser_hash(), provider)
     except FlowError as exc:
         return error_page(exc.status, exc.title, exc.message)
@@ -118,7 +118,7 @@ def _password_submit(
     password = request.form.get("password", "")[:1024]
     actor = f"{provider}:{username.lower()}"
     address = request.remote_addr
-    with b.db.session() as session:
+    with b.db.read() as session:  # only reads: the pending login, the failures counted
         b.flow.password_login(session, login_id, browser_hash(), provider)
         blocked = b.throttle.blocked(session, actor, address)
     if blocked:
