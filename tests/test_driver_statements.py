@@ -422,6 +422,19 @@ def test_a_value_the_type_refuses_is_refused_as_sqlalchemy_refuses_it(
         assert row.at == at and row.at.tzinfo is dt.UTC and row.at.hour == 0
 
 
+def _write_locked(engine: Engine) -> bool:
+    """Whether another connection to the SQLite file is refused the write lock right now."""
+    other = sqlite3.connect(engine.url.database or "", timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        other.close()
+
+
 @SQLITE
 def test_a_token_request_on_sqlite_reads_unlocked_then_writes_in_one_immediate_transaction(
     make_app: Callable[..., Flask],
@@ -437,25 +450,18 @@ def test_a_token_request_on_sqlite_reads_unlocked_then_writes_in_one_immediate_t
     engine = _engine(app)
     seen: list[tuple[str, bool, bool]] = []
 
-    def locked_elsewhere() -> bool:
-        other = sqlite3.connect(engine.url.database or "", timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            return False
-        except sqlite3.OperationalError:
-            return True
-        finally:
-            other.close()
-
     def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         words = " ".join(statement.split()[:2])
-        seen.append((words, conn.connection.dbapi_connection.in_transaction, locked_elsewhere()))
+        seen.append((words, conn.connection.dbapi_connection.in_transaction, _write_locked(engine)))
 
     def after(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if statement.startswith("SELECT"):  # its row read: no lock left behind
             seen.append(
-                ("read done", conn.connection.dbapi_connection.in_transaction, locked_elsewhere())
+                (
+                    "read done",
+                    conn.connection.dbapi_connection.in_transaction,
+                    _write_locked(engine),
+                )
             )
 
     inserts = [("INSERT INTO", True, True)] * 2  # the refresh token, the audit event
@@ -495,16 +501,7 @@ def test_the_consent_page_and_login_form_read_without_the_write_lock_on_sqlite(
     seen: list[tuple[str, bool]] = []
 
     def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        other = sqlite3.connect(engine.url.database or "", timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            locked = False
-        except sqlite3.OperationalError:
-            locked = True
-        finally:
-            other.close()
-        seen.append((" ".join(statement.split()[:2]), locked))
+        seen.append((" ".join(statement.split()[:2]), _write_locked(engine)))
 
     def read_unlocked(path: str) -> str:
         seen[:] = []
